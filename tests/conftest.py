@@ -1,0 +1,13 @@
+"""Test-wide settings: never reach the network, keep CPU threads predictable."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+# Make `import tiny` work from every test module.
+sys.path.insert(0, str(Path(__file__).parent))
