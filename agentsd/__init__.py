@@ -1,0 +1,30 @@
+"""AgentSD for diffusers: agent attention on ToMe token merging, training-free.
+
+    import agentsd
+    agentsd.apply_patch(pipe, ratio=0.4)   # the published two-phase recipe
+    image = pipe("a photo of a corgi").images[0]
+    agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
+"""
+
+from .attention import AgentSDAttnProcessor, TokenMergeProcessor, agent_attention
+from .config import AgentSDConfig, Phase, recipe
+from .merge import MergePlan, TokenMerge, plan_merge
+from .patch import PatchSummary, apply_patch, is_patched, patch_summary, remove_patch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentSDAttnProcessor",
+    "AgentSDConfig",
+    "MergePlan",
+    "PatchSummary",
+    "Phase",
+    "TokenMerge",
+    "TokenMergeProcessor",
+    "agent_attention",
+    "apply_patch",
+    "is_patched",
+    "patch_summary",
+    "plan_merge",
+    "recipe",
+]

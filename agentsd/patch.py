@@ -1,0 +1,326 @@
+"""Patching a diffusers UNet with AgentSD, and removing the patch.
+
+Three pieces of diffusers machinery carry the whole method, with no class rewriting:
+
+* a hook on the UNet (:class:`UNetHook`) reads the latent size from ``sample`` (positional or
+  keyword) and picks the schedule's phase from ``timestep`` before every call;
+* a hook on each patched ``BasicTransformerBlock`` (:class:`BlockHook`) plans the merge from the
+  block's input, which is the similarity metric, and drops the plan when the block returns;
+* attention processors on ``attn1`` (and ``attn2`` with ``merge_crossattn``) apply the plan, and a
+  hook on ``ff`` does so with ``merge_mlp``.
+
+The UNet hook is the registry of everything that was changed: it keeps the original processors
+and the hooks it added, so :func:`remove_patch` restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention import BasicTransformerBlock
+
+from .attention import AgentSDAttnProcessor, AttentionProcessor, TokenMergeProcessor
+from .config import AgentSDConfig, Phase
+from .merge import MergePlan, plan_merge
+
+logger = logging.getLogger("agentsd")
+
+HOOK_NAME = "agentsd"
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class UNetState:
+    """What every patched block of one UNet needs to know about the current call."""
+
+    config: AgentSDConfig
+    num_train_timesteps: int
+    latent_size: tuple[int, int] | None = None
+    phase: Phase | None = None
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
+
+    def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
+        """Record the latent size, pick the phase and reseed the destination choice for this call."""
+        self.latent_size = (sample.shape[-2], sample.shape[-1])
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        self.phase = self.config.phase_at(t, self.num_train_timesteps)
+        # The destination pattern depends only on the seed and the noise level, never on what ran
+        # before, so the same generation twice gives the same image.
+        self.generator.manual_seed(self.config.seed * 1_000_003 + round(t * 1000))
+
+
+@dataclass
+class BlockState:
+    """One patched transformer block: its resolution level and the merge plan of the current call."""
+
+    unet: UNetState
+    downsample: int
+    plan: MergePlan | None = None
+    tokens_seen: int | None = None
+
+    @property
+    def config(self) -> AgentSDConfig:
+        return self.unet.config
+
+    def make_plan(self, x: torch.Tensor) -> MergePlan | None:
+        """The merge plan for block input ``x`` [B, N, C] under the current phase."""
+        phase, latent_size = self.unet.phase, self.unet.latent_size
+        if phase is None or latent_size is None or phase.ratio == 0:
+            return None
+        batch, num_tokens, _ = x.shape
+        h, w = (math.ceil(side / self.downsample) for side in latent_size)
+        if h * w != num_tokens:
+            logger.warning(
+                "agentsd: a block expected a %dx%d token grid but got %d tokens; it runs unmerged", h, w, num_tokens
+            )
+            return None
+        # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would
+        # give the two halves of a pair different plans, so use the fixed top-left ones.
+        use_rand = self.config.use_rand and batch % 2 == 0
+        return plan_merge(
+            x,
+            h,
+            w,
+            phase.sx,
+            phase.sy,
+            r=int(num_tokens * phase.ratio),
+            agent_r=int(num_tokens * phase.agent_ratio),
+            generator=self.unet.generator if use_rand else None,
+        )
+
+
+def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
+    return args[position] if len(args) > position else kwargs[name]
+
+
+class UNetHook(ModelHook):
+    """Reads the latent size and timestep of each UNet call; owns everything the patch changed."""
+
+    def __init__(self, state: UNetState, max_downsample: int, total_blocks: int) -> None:
+        super().__init__()
+        self.state = state
+        self.max_downsample = max_downsample
+        self.total_blocks = total_blocks
+        self.blocks: dict[str, BlockState] = {}
+        self.original_processors: dict[Any, AttentionProcessor] = {}
+        self.hooked_modules: list[tuple[torch.nn.Module, bool, bool]] = []
+
+    @torch.compiler.disable
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.state.start_call(_call_argument(args, kwargs, 0, "sample"), _call_argument(args, kwargs, 1, "timestep"))
+        return args, kwargs
+
+
+class BlockHook(ModelHook):
+    """Plans the block's merge from its input, and forgets the plan once the block has run."""
+
+    def __init__(self, state: BlockState) -> None:
+        super().__init__()
+        self.state = state
+
+    @torch.compiler.disable
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        x = _call_argument(args, kwargs, 0, "hidden_states")
+        self.state.tokens_seen = x.shape[1]
+        self.state.plan = self.state.make_plan(x)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.state.plan = None
+        return output
+
+
+class FeedForwardHook(ModelHook):
+    """``merge_mlp``: the feed-forward runs on merged tokens.
+
+    A feed-forward chunked along the tokens (``set_chunk_feed_forward(dim=1)``) sees partial
+    sequences, which the plan does not fit; those calls run unmerged.
+    """
+
+    def __init__(self, state: BlockState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        x = _call_argument(args, kwargs, 0, "hidden_states")
+        plan = self.state.plan
+        if plan is None or x.shape[1] != plan.num_tokens:
+            return args, kwargs
+        return (plan.merge(x), *args[1:]), kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        plan = self.state.plan
+        if plan is None or output.shape[1] != plan.num_tokens - plan.tokens.src_idx.shape[1]:
+            return output
+        return plan.unmerge(output)
+
+
+@dataclass(frozen=True)
+class PatchedBlock:
+    """One transformer block that AgentSD patched."""
+
+    name: str
+    downsample: int
+    tokens_seen: int | None
+
+
+@dataclass(frozen=True)
+class PatchSummary:
+    """What :func:`apply_patch` changed: the patched blocks and the configuration in force.
+
+    ``tokens_seen`` of each block is filled in once the UNet has run (e.g. 4096 for SD 1.5's top
+    level at 512 px).
+    """
+
+    config: AgentSDConfig
+    max_downsample: int
+    blocks: tuple[PatchedBlock, ...]
+    total_blocks: int
+
+    def __str__(self) -> str:
+        levels = sorted({block.downsample for block in self.blocks})
+        tokens = sorted({block.tokens_seen for block in self.blocks if block.tokens_seen is not None})
+        seen = f", {'/'.join(map(str, tokens))} tokens in the last call" if tokens else ""
+        return (
+            f"AgentSD patched {len(self.blocks)} of {self.total_blocks} transformer blocks "
+            f"(downsample {'/'.join(map(str, levels)) or '-'} <= max_downsample={self.max_downsample}{seen})"
+        )
+
+
+def _find_unet(model: Any) -> torch.nn.Module:
+    unet = getattr(model, "unet", model)
+    if not isinstance(unet, torch.nn.Module) or not all(
+        hasattr(unet, name) for name in ("down_blocks", "up_blocks", "conv_in")
+    ):
+        raise TypeError(
+            "model must be a diffusers pipeline with a `.unet` or a UNet2DConditionModel, "
+            f"got {type(model).__name__}"
+        )
+    return unet
+
+
+def _transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransformerBlock, int]]:
+    """Every ``BasicTransformerBlock`` of the UNet with its downsample factor (1 = latent resolution).
+
+    The factor follows from where the block sits: down block i and up block (n - 1 - i) work at
+    2**i, the mid block at the coarsest level.
+    """
+    levels = len(unet.down_blocks)
+    scopes = [(f"down_blocks.{i}", unet.down_blocks[i], 2**i) for i in range(levels)]
+    scopes += [(f"up_blocks.{i}", unet.up_blocks[i], 2 ** (levels - 1 - i)) for i in range(len(unet.up_blocks))]
+    if getattr(unet, "mid_block", None) is not None:
+        scopes.append(("mid_block", unet.mid_block, 2 ** (levels - 1)))
+    found = []
+    for prefix, scope, downsample in scopes:
+        for name, module in scope.named_modules():
+            if isinstance(module, BasicTransformerBlock):
+                found.append((f"{prefix}.{name}", module, downsample))
+    return found
+
+
+def _get_hook(unet: torch.nn.Module) -> UNetHook | None:
+    registry = getattr(unet, "_diffusers_hook", None)
+    return registry.get_hook(HOOK_NAME) if registry is not None else None
+
+
+def _add_hook(module: torch.nn.Module, hook: ModelHook, owner: UNetHook) -> None:
+    """Register ``hook`` and remember what to undo: whether we created the registry and ``forward``."""
+    created_registry = not hasattr(module, "_diffusers_hook")
+    had_forward = "forward" in module.__dict__
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+    owner.hooked_modules.append((module, created_registry, had_forward))
+
+
+def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -> Any:
+    """Make a Stable Diffusion pipeline or UNet generate with AgentSD.
+
+    Args:
+        model: A diffusers pipeline with a ``.unet`` (SD 1.x, 2.x, SDXL; text-to-image,
+            image-to-image, inpainting, ControlNet) or a ``UNet2DConditionModel``.
+        config: The settings; or pass them as keywords (``ratio=0.4``, ``schedule="fixed"``, ...),
+            see :class:`AgentSDConfig`. Not both.
+
+    Returns:
+        ``model``, patched in place. Applying again replaces the previous patch; everything is
+        checked before anything changes, so a failed call leaves the model as it was.
+    """
+    if config is not None and knobs:
+        raise TypeError(f"pass either config or keyword settings, not both (got config and {sorted(knobs)})")
+    if config is not None and not isinstance(config, AgentSDConfig):
+        raise TypeError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}")
+    config = config if config is not None else AgentSDConfig(**knobs)
+    unet = _find_unet(model)
+    blocks = _transformer_blocks(unet)
+    if not blocks:
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
+    max_downsample = config.max_downsample or min(downsample for _, _, downsample in blocks)
+    scheduler = getattr(model, "scheduler", None)
+    num_train_timesteps = config.num_train_timesteps or getattr(
+        getattr(scheduler, "config", None), "num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS
+    )
+
+    remove_patch(unet)
+    state = UNetState(config=config, num_train_timesteps=num_train_timesteps)
+    unet_hook = UNetHook(state, max_downsample=max_downsample, total_blocks=len(blocks))
+    _add_hook(unet, unet_hook, unet_hook)
+    for name, block, downsample in blocks:
+        if downsample > max_downsample:
+            continue
+        block_state = BlockState(unet=state, downsample=downsample)
+        unet_hook.blocks[name] = block_state
+        _add_hook(block, BlockHook(block_state), unet_hook)
+        if config.merge_attn:
+            unet_hook.original_processors[block.attn1] = block.attn1.processor
+            block.attn1.set_processor(AgentSDAttnProcessor(block_state, block.attn1.processor))
+        if config.merge_crossattn and block.attn2 is not None:
+            unet_hook.original_processors[block.attn2] = block.attn2.processor
+            block.attn2.set_processor(TokenMergeProcessor(block_state, block.attn2.processor))
+        if config.merge_mlp:
+            _add_hook(block.ff, FeedForwardHook(block_state), unet_hook)
+    logger.info("%s", patch_summary(unet))
+    return model
+
+
+def remove_patch(model: Any) -> Any:
+    """Undo :func:`apply_patch`: original processors back, hooks gone. A no-op on an unpatched model."""
+    unet = _find_unet(model)
+    unet_hook = _get_hook(unet)
+    if unet_hook is None:
+        return model
+    for attn, processor in unet_hook.original_processors.items():
+        attn.set_processor(processor)
+    for module, created_registry, had_forward in reversed(unet_hook.hooked_modules):
+        registry = module._diffusers_hook
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if created_registry and not registry.hooks:
+            del module._diffusers_hook
+            if not had_forward:
+                del module.forward
+    return model
+
+
+def is_patched(model: Any) -> bool:
+    """Whether ``model`` (a pipeline or UNet) currently carries an AgentSD patch."""
+    return _get_hook(_find_unet(model)) is not None
+
+
+def patch_summary(model: Any) -> PatchSummary | None:
+    """The blocks AgentSD patched in ``model`` and the settings in force, or ``None`` if unpatched."""
+    unet_hook = _get_hook(_find_unet(model))
+    if unet_hook is None:
+        return None
+    blocks = tuple(
+        PatchedBlock(name=name, downsample=state.downsample, tokens_seen=state.tokens_seen)
+        for name, state in unet_hook.blocks.items()
+    )
+    return PatchSummary(
+        config=unet_hook.state.config,
+        max_downsample=unet_hook.max_downsample,
+        blocks=blocks,
+        total_blocks=unet_hook.total_blocks,
+    )

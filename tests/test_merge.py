@@ -1,0 +1,100 @@
+"""Token merging: the plan, merge and unmerge against tomesd and against first principles."""
+
+import pytest
+import torch
+from tomesd.merge import bipartite_soft_matching_random2d
+
+from agentsd.merge import best_destinations, destination_positions, plan_merge
+
+
+def _metric(b=2, h=8, w=8, c=16, seed=0):
+    return torch.randn(b, h * w, c, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("h,w,sx,sy,ratio", [(8, 8, 2, 2, 0.5), (8, 8, 4, 4, 0.4), (7, 11, 2, 2, 0.3), (9, 6, 3, 2, 0.6)])
+def test_merge_and_unmerge_match_tomesd(h, w, sx, sy, ratio):
+    x = _metric(h=h, w=w)
+    r = int(h * w * ratio)
+    plan = plan_merge(x, h, w, sx, sy, r)
+    merge, unmerge = bipartite_soft_matching_random2d(x, w, h, sx, sy, r, no_rand=True)
+
+    ours, theirs = plan.merge(x), merge(x)
+    assert ours.shape == theirs.shape == (2, h * w - min(r, h * w - (h // sy) * (w // sx)), 16)
+    # Same merged tokens, possibly in another order.
+    assert torch.allclose(ours.sort(dim=1).values, theirs.sort(dim=1).values, atol=1e-6)
+    # Unmerge(merge(x)) does not depend on the order: every token reads the token it went into.
+    assert torch.allclose(plan.unmerge(ours), unmerge(theirs), atol=1e-6)
+
+
+def test_destinations_one_per_full_cell_and_ragged_edges_are_sources():
+    h, w, sx, sy = 7, 10, 3, 2
+    gen = torch.Generator().manual_seed(3)
+    dst = destination_positions(h, w, sx, sy, gen, torch.device("cpu"))
+    rows, cols = dst // w, dst % w
+    assert len(dst) == (h // sy) * (w // sx) == len(set(dst.tolist()))
+    cells = set(zip((rows // sy).tolist(), (cols // sx).tolist()))
+    assert len(cells) == len(dst)  # exactly one per cell
+    assert rows.max() < (h // sy) * sy and cols.max() < (w // sx) * sx  # never in the ragged edge
+    top_left = destination_positions(h, w, sx, sy, None, torch.device("cpu"))
+    assert torch.equal(top_left // w % sy, torch.zeros_like(top_left)) and torch.equal(top_left % w % sx, torch.zeros_like(top_left))
+
+
+def test_random_destinations_follow_the_generator_only():
+    state = torch.get_rng_state()
+    a = destination_positions(8, 8, 2, 2, torch.Generator().manual_seed(5), torch.device("cpu"))
+    b = destination_positions(8, 8, 2, 2, torch.Generator().manual_seed(5), torch.device("cpu"))
+    c = destination_positions(8, 8, 2, 2, torch.Generator().manual_seed(6), torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_blocked_scoring_equals_one_matrix_product():
+    src = torch.nn.functional.normalize(torch.randn(2, 300, 8), dim=-1)
+    dst = torch.nn.functional.normalize(torch.randn(2, 70, 8), dim=-1)
+    full = (src @ dst.transpose(1, 2)).max(dim=-1)
+    scores, index = best_destinations(src, dst, block=64)
+    assert torch.equal(index, full.indices)
+    assert torch.allclose(scores, full.values)
+
+
+def test_agent_cut_is_the_same_ranking_cut_deeper():
+    x = _metric()
+    plan = plan_merge(x, 8, 8, 4, 4, r=25, agent_r=60)
+    deeper = plan_merge(x, 8, 8, 4, 4, r=60)
+    assert plan.agents is not None
+    assert torch.equal(plan.agents.merge(x), deeper.merge(x))
+    assert plan.agents.merge(x).shape[1] == 64 - 60  # all sources merged: only the 4 destinations remain
+
+
+@pytest.mark.parametrize(
+    "r,agent_r,expected",
+    [(25, 60, True), (25, 40, False), (10, 37, False), (10, 38, True)],
+)
+def test_agents_exist_only_when_fewer_than_half_the_merged_tokens(r, agent_r, expected):
+    # N = 64: agents exist iff (64 - agent_r) * 2 < 64 - r.
+    plan = plan_merge(_metric(), 8, 8, 2, 2, r=r, agent_r=agent_r)
+    assert (plan.agents is not None) is expected
+
+
+def test_nothing_to_merge_gives_no_plan_and_r_is_capped_at_the_sources():
+    x = _metric()
+    assert plan_merge(x, 8, 8, 2, 2, r=0, agent_r=50) is None
+    assert plan_merge(x, 8, 8, 1, 1, r=10) is None  # every token is a destination
+    capped = plan_merge(x, 8, 8, 2, 2, r=1000)
+    assert capped.merge(x).shape[1] == 16
+
+
+def test_merge_averages_destination_with_its_sources():
+    x = _metric(b=1)
+    plan = plan_merge(x, 8, 8, 2, 2, r=20)
+    merged = plan.merge(x)
+    slots = plan.tokens.dst_slot[0]
+    slot = int(slots[0])
+    members = plan.tokens.src_idx[0][slots == slot]
+    expected = torch.cat([x[0, plan.tokens.keep_idx[0, slot]].unsqueeze(0), x[0, members]]).mean(0)
+    assert torch.allclose(merged[0, slot], expected, atol=1e-6)
+
+
+def test_grid_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="not a 5x5 grid"):
+        plan_merge(_metric(), 5, 5, 2, 2, r=3)
