@@ -1,0 +1,228 @@
+"""Command line, device and model loading shared by the examples, with errors that say what to do.
+
+Everything a new user commonly gets wrong (no GPU, float16 on a CPU, a mistyped model id, no
+network) is checked here, before a multi-gigabyte download or load starts, and reported as an
+:class:`ExampleError` whose message names the flag to change. :func:`run_cli` turns that error into
+one line on stderr instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import diffusers
+import torch
+from huggingface_hub.errors import GatedRepoError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from packaging.version import Version
+
+from comparison import METHODS, check_methods
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# diffusers 0.40 renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
+_DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
+
+Loadable = TypeVar("Loadable")
+
+
+class ExampleError(RuntimeError):
+    """A problem with how an example was called; the message says how to fix it."""
+
+
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _image_side(text: str) -> int:
+    value = int(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (e.g. 512), got {text}")
+    return value
+
+
+def _merge_ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), the fraction of tokens merged away; got {text}")
+    return value
+
+
+def _png_or_folder(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.suffix and path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"must be a .png file or a folder, got {text}")
+    return path
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, model: str, ratio: float = 0.4) -> None:
+    """Add the flags every example shares: model, seed, steps, ratio, methods, device, dtype, size, out."""
+    parser.add_argument("--model", default=model, help=f"hub id or local diffusers folder (default: {model})")
+    parser.add_argument("--seed", type=int, default=0, help="seed shared by every method (default: 0)")
+    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument(
+        "--ratio", type=_merge_ratio, default=ratio, help=f"fraction of tokens merged away (default: {ratio})"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="what to compare; SD is the unpatched pipeline (default: all)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="default: float16 on a GPU, float32 on the CPU"
+    )
+    parser.add_argument("--height", type=_image_side, default=None, help="image height in pixels")
+    parser.add_argument("--width", type=_image_side, default=None, help="image width in pixels")
+    parser.add_argument(
+        "--out", type=_png_or_folder, default=Path("outputs"), help="PNG file or folder (default: outputs/)"
+    )
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def add_image_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--image``: the input picture, or a drawn sample scene so the example runs with no files."""
+    parser.add_argument(
+        "--image", type=_existing_file, default=None, help=f"{what} (default: a drawn sample scene)"
+    )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device named by ``--device``, or the best one available; fails early if it is missing."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ExampleError(f"--device {name!r} is not a device; use cuda, cuda:N, mps or cpu") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExampleError(
+            f"--device {name} was asked for but this PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+            "Run on the CPU with --device cpu (slow: use few --steps), or install a CUDA build of PyTorch."
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ExampleError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ExampleError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise ExampleError(f"--device {name}: the examples support cuda, mps and cpu")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The ``--dtype`` to load weights in; half precision on a GPU, and never float16 on the CPU."""
+    if name is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in DTYPES:
+        raise ExampleError(f"--dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise ExampleError(
+            "--dtype float16 on the CPU is very slow or unsupported by many CPU kernels; "
+            "use --dtype float32 (the CPU default), or run on a GPU with --device cuda"
+        )
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the models run and in which precision."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str | None = None, dtype: str | None = None) -> Target:
+        """Check a device and dtype name (``None``: the best default) before anything is loaded."""
+        resolved = resolve_device(device)
+        return cls(device=resolved, dtype=resolve_dtype(dtype, resolved))
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    """Check ``--device``, ``--dtype`` and ``--methods`` together, before anything is loaded."""
+    target = Target.resolve(args.device, args.dtype)
+    try:
+        check_methods(args.methods)
+    except ModuleNotFoundError as err:
+        raise ExampleError(f"{err}; `pip install tomesd`, or leave ToMeSD out of --methods") from err
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "~", os.sep)) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
+
+
+def _check_source(name: str, flag: str) -> None:
+    """Reject a missing local folder or a malformed hub id without touching the network."""
+    if Path(name).expanduser().is_dir():
+        return
+    if _looks_like_path(name):
+        raise ExampleError(f"{flag} {name}: no such folder. Pass an existing diffusers folder or a hub id.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise ExampleError(f"{flag} {name!r} is neither an existing folder nor a valid hub id ({err})") from err
+
+
+def _load_advice(name: str, flag: str, err: OSError) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [f"could not load {flag} {name!r}: {reason}"]
+    if isinstance(err, GatedRepoError):
+        lines.append("  - this model is gated: accept its licence on huggingface.co, then `hf auth login`")
+    else:
+        lines.append(f"  - check the id on https://huggingface.co/{name} (gated models also need `hf auth login`)")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        lines.append("  - HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded")
+    lines.append(
+        f"  - no network? on a machine with one run `hf download {name} --local-dir ./model`, "
+        f"copy the folder over and pass {flag} ./model"
+    )
+    return "\n".join(lines)
+
+
+def load_pretrained(
+    cls: type[Loadable], name: str, target: Target, *, flag: str = "--model", **kwargs: Any
+) -> Loadable:
+    """``cls.from_pretrained(name)`` in ``target``'s dtype, moved to its device.
+
+    ``flag`` is how the user gave ``name`` (``--model``, ``--controlnet``, an environment variable),
+    so that a failure says which setting to change.
+    """
+    _check_source(str(name), flag)
+    try:
+        loaded = cls.from_pretrained(str(name), **{_DTYPE_KWARG: target.dtype}, **kwargs)
+    except OSError as err:
+        raise ExampleError(_load_advice(str(name), flag, err)) from err
+    return loaded.to(target.device)
+
+
+def output_path(out: Path, default_name: str) -> Path:
+    """``--out`` itself if it names a PNG, else ``default_name`` inside that folder."""
+    return out if out.suffix.lower() == ".png" else out / default_name
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object]) -> None:
+    """Run an example's ``main`` from the command line: an :class:`ExampleError` becomes one line."""
+    try:
+        main(None)
+    except ExampleError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,79 @@
+"""A comparison grid for a list of prompts: one row per prompt, one column per method, with times.
+
+    python examples/compare_grid.py --prompts "a corgi on a beach" "a bowl of ramen" --out grid.png
+    python examples/compare_grid.py --prompt-file prompts.txt --model stabilityai/stable-diffusion-2-1-base
+
+``--model`` may be any text-to-image Stable Diffusion checkpoint (1.x, 2.x or XL): the pipeline
+class is picked from the model's own ``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffusers import AutoPipelineForText2Image
+
+from common import ExampleError, add_common_args, load_pretrained, output_path, resolve_target, run_cli
+from comparison import Run, compare
+from images import contact_sheet, save_png
+
+MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PROMPTS = (
+    "a photo of a corgi running on a beach at sunset",
+    "a bowl of ramen with a soft-boiled egg, top view",
+    "an oil painting of a lighthouse in a storm",
+    "a futuristic city street at night, neon signs, rain",
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompts", nargs="+", default=list(PROMPTS), help="one or more prompts, one per row")
+    prompts.add_argument("--prompt-file", type=Path, help="text file with one prompt per line")
+    add_common_args(parser, model=MODEL)
+    args = parser.parse_args(argv)
+    if args.prompt_file is not None:
+        args.prompts = _read_prompts(args.prompt_file)
+    return args
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as err:
+        raise ExampleError(f"--prompt-file {path}: {err.strerror or err}") from err
+    if not prompts:
+        raise ExampleError(f"--prompt-file {path} has no prompts (one per line expected)")
+    return prompts
+
+
+def mean_times(rows: Sequence[Sequence[Run]]) -> str:
+    """Average seconds per method over all prompts."""
+    lines = []
+    for column in zip(*rows):
+        seconds = sum(run.seconds for run in column) / len(column)
+        lines.append(f"{column[0].method:<8} {seconds:8.2f} s per image (mean over {len(column)} prompts)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Generate every prompt with every method and write the grid; returns the PNG's path."""
+    args = parse_args(argv)
+    target = resolve_target(args)
+    pipe = load_pretrained(AutoPipelineForText2Image, args.model, target)
+    call = {"num_inference_steps": args.steps, "height": args.height, "width": args.width}
+    rows = [
+        compare(pipe, args.methods, ratio=args.ratio, seed=args.seed, prompt=prompt, **call) for prompt in args.prompts
+    ]
+    print(mean_times(rows))
+    tiles = [[(run.caption, run.image) for run in row] for row in rows]
+    path = save_png(contact_sheet(tiles, titles=args.prompts), output_path(args.out, "grid.png"))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    run_cli(main)

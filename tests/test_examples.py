@@ -1,0 +1,250 @@
+"""The examples run end to end against tiny local pipelines, and fail early with useful messages.
+
+Each script's ``main(argv)`` runs in-process on a tiny saved pipeline (2 steps, 32x32 px); the
+notebook runs top to bottom in a real kernel with its model overridden through ``AGENTSD_MODEL``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from nbclient import NotebookClient
+from PIL import Image
+
+from tiny import save_tiny_pipeline, tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+for folder in (REPO, EXAMPLES):  # agentsd itself, and the examples' shared modules
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import agentsd  # noqa: E402
+from canny import canny  # noqa: E402
+from common import ExampleError, Target, run_cli  # noqa: E402
+from comparison import METHODS, compare, generate, patched  # noqa: E402
+from images import contact_sheet, save_png  # noqa: E402
+
+TILE = 32  # the tiny pipelines' image size
+FAST = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--seed", "0"]
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` under a name that cannot clash with other modules."""
+    spec = importlib.util.spec_from_file_location(f"agentsd_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle-spinning threads cost 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny pipelines saved with save_pretrained, as a user's local model folders would be."""
+    root = tmp_path_factory.mktemp("models")
+    return {kind: save_tiny_pipeline(root / kind, kind) for kind in ("sd", "sdxl", "controlnet")}
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory: pytest.TempPathFactory):
+    return tiny_pipeline("sd", tmp_path_factory.mktemp("sd_pipe"))
+
+
+def sheet_width(path: Path) -> int:
+    assert path.is_file(), f"{path} was not written"
+    assert not list(path.parent.glob(".*.tmp")), "a temporary file was left behind"
+    with Image.open(path) as image:
+        return image.width
+
+
+# --- each example, end to end ---------------------------------------------------------------------
+
+
+def test_sdxl_script_writes_side_by_side(models: dict[str, Path], tmp_path: Path) -> None:
+    out = load_script("sdxl").main(["--model", str(models["sdxl"]), "--prompt", "a corgi", *FAST, "--out", str(tmp_path)])
+    assert out == tmp_path / "sdxl.png"
+    assert sheet_width(out) == len(METHODS) * TILE
+
+
+def test_img2img_script_uses_sample_image_without_input(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "i2i.png"
+    argv = ["--model", str(models["sd"]), "--prompt", "a cat", "--strength", "0.5", *FAST, "--out", str(out)]
+    assert load_script("img2img").main(argv) == out
+    assert sheet_width(out) == (1 + len(METHODS)) * TILE  # input, then one tile per method
+
+
+def test_img2img_script_reads_image(models: dict[str, Path], tmp_path: Path) -> None:
+    picture = tmp_path / "input.png"
+    Image.new("RGB", (40, 24), "red").save(picture)
+    argv = ["--model", str(models["sd"]), "--image", str(picture), "--methods", "SD", "AgentSD", *FAST]
+    out = load_script("img2img").main([*argv, "--out", str(tmp_path)])
+    assert sheet_width(out) == 3 * TILE
+
+
+def test_controlnet_script_writes_edges_and_results(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = models["controlnet"]
+    argv = ["--model", str(folder), "--controlnet", str(folder / "controlnet"), "--prompt", "a dog", *FAST]
+    out = load_script("controlnet").main([*argv, "--out", str(tmp_path)])
+    assert sheet_width(out) == (1 + len(METHODS)) * TILE
+
+
+def test_compare_grid_has_a_row_per_prompt(models: dict[str, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    argv = ["--model", str(models["sd"]), "--prompt-file", str(prompts), *FAST, "--out", str(tmp_path / "g.png")]
+    out = load_script("compare_grid").main(argv)
+    with Image.open(out) as grid:
+        assert grid.width == len(METHODS) * TILE
+        assert grid.height > 2 * TILE  # two rows of tiles plus titles and captions
+
+
+def test_notebook_runs_top_to_bottom(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), "commit it without outputs"
+
+    monkeypatch.setenv("AGENTSD_MODEL", str(models["sd"]))
+    monkeypatch.setenv("AGENTSD_STEPS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch, as one_thread does here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    client = NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": EXAMPLES}})
+    client.execute()
+
+    last = code[-1].outputs
+    assert any("image/png" in output.get("data", {}) for output in last), "the side-by-side image is not shown"
+    printed = "".join(output.get("text", "") for output in last)
+    assert all(method in printed for method in METHODS)
+
+
+# --- what the examples share ----------------------------------------------------------------------
+
+
+def test_compare_is_seeded_and_leaves_pipeline_unpatched(sd_pipe) -> None:
+    call = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "np"}
+    runs = compare(sd_pipe, METHODS, ratio=0.4, seed=3, **call)
+    assert [run.method for run in runs] == list(METHODS)
+    assert not agentsd.is_patched(sd_pipe)
+    again = generate(sd_pipe, "SD", seed=3, **call)
+    np.testing.assert_array_equal(again.image, runs[0].image)  # same seed, same image
+    assert not np.array_equal(runs[2].image, runs[0].image)  # AgentSD really ran patched
+
+
+def test_patch_is_removed_when_generation_fails(sd_pipe) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with patched(sd_pipe, "AgentSD", ratio=0.4):
+            assert agentsd.is_patched(sd_pipe)
+            raise RuntimeError("boom")
+    assert not agentsd.is_patched(sd_pipe)
+
+
+def test_canny_traces_a_square_with_one_pixel_lines() -> None:
+    square = np.zeros((32, 32), dtype=np.uint8)
+    square[8:24, 8:24] = 255
+    edges = np.asarray(canny(Image.fromarray(square)))[..., 0] > 0
+    assert edges[16, 7] and edges[7, 16]  # left and top sides of the square
+    assert not edges[12:20, 12:20].any() and not edges[:4].any()  # nothing inside or far outside
+    assert edges[16].sum() == 2  # a row crosses exactly two one-pixel lines
+
+
+def test_contact_sheet_lays_out_rows_and_save_png_replaces(tmp_path: Path) -> None:
+    tile = Image.new("RGB", (20, 10), "blue")
+    sheet = contact_sheet([[("a", tile), ("b", tile)], [("c", tile)]], titles=["one", "two"])
+    assert sheet.width == 40
+    path = save_png(sheet, tmp_path / "nested" / "sheet.png")
+    save_png(tile, path)  # overwrite in place
+    assert sheet_width(path) == 20
+
+
+# --- errors a new user hits, reported before any model is loaded ------------------------------------
+
+MISSING = ["--model", "nobody/agentsd-no-such-model"]
+
+
+def test_cuda_without_gpu_suggests_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExampleError, match="--device cpu"):
+        load_script("sdxl").main([*MISSING, "--device", "cuda"])  # fails before the model lookup
+
+
+def test_float16_on_cpu_is_refused() -> None:
+    with pytest.raises(ExampleError, match="--dtype float32"):
+        load_script("compare_grid").main([*MISSING, "--device", "cpu", "--dtype", "float16"])
+
+
+def test_default_device_and_dtype_fit_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Target.resolve() == Target(torch.device("cpu"), torch.float32)
+
+
+def test_unknown_hub_id_offline_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ExampleError) as error:
+        load_script("img2img").main([*MISSING, "--device", "cpu", "--out", str(tmp_path)])
+    message = str(error.value)
+    assert "--model 'nobody/agentsd-no-such-model'" in message
+    assert "hf auth login" in message and "HF_HUB_OFFLINE" in message and "--model ./model" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_controlnet_names_its_flag(models: dict[str, Path]) -> None:
+    argv = ["--model", str(models["controlnet"]), "--controlnet", "nobody/no-such-controlnet", "--device", "cpu"]
+    with pytest.raises(ExampleError, match="could not load --controlnet"):
+        load_script("controlnet").main(argv)
+
+
+def test_missing_local_folder_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ExampleError, match="no such folder"):
+        load_script("sdxl").main(["--model", str(tmp_path / "nowhere"), "--device", "cpu"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--ratio", "1.5"], "--ratio"),
+        (["--steps", "0"], "--steps"),
+        (["--height", "30"], "--height"),
+        (["--out", "grid.jpg"], "--out"),
+        (["--methods", "SD", "FastSD"], "--methods"),
+        (["--dtype", "float8"], "--dtype"),
+    ],
+)
+def test_bad_flags_name_the_flag(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("compare_grid").main(argv)
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_missing_input_image_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_script("controlnet").main(["--image", "no-such-picture.png"])
+    assert "--image" in capsys.readouterr().err
+
+
+def test_img2img_refuses_zero_effective_steps() -> None:
+    with pytest.raises(ExampleError, match="--strength"):
+        load_script("img2img").main(["--steps", "1", "--strength", "0.5"])
+
+
+def test_run_cli_prints_one_line_not_a_traceback() -> None:
+    def main(argv):
+        raise ExampleError("--device cuda was asked for; use --device cpu")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    assert exit_info.value.code == "error: --device cuda was asked for; use --device cpu"
