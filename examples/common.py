@@ -21,8 +21,12 @@ import torch
 from huggingface_hub.errors import GatedRepoError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
+from PIL import Image
 
 from comparison import METHODS, check_methods
+
+#: The merge ratio of AgentSD's headline results on SD 1.5.
+DEFAULT_RATIO = 0.4
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,8 +38,6 @@ Loadable = TypeVar("Loadable")
 
 class ExampleError(RuntimeError):
     """A problem with how an example was called; the message says how to fix it."""
-
-
 
 
 def _positive_int(text: str) -> int:
@@ -66,13 +68,21 @@ def _png_or_folder(text: str) -> Path:
     return path
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, model: str, ratio: float = 0.4) -> None:
-    """Add the flags every example shares: model, seed, steps, ratio, methods, device, dtype, size, out."""
+def add_common_args(parser: argparse.ArgumentParser, *, model: str, side: int | None = None) -> None:
+    """Add the flags every example shares: model, seed, steps, ratio, methods, device, dtype, size, out.
+
+    ``side`` is the default ``--height`` and ``--width``; ``None`` leaves the size to the pipeline,
+    which uses the resolution its model was trained at.
+    """
+    size_help = "the model's native size" if side is None else str(side)
     parser.add_argument("--model", default=model, help=f"hub id or local diffusers folder (default: {model})")
     parser.add_argument("--seed", type=int, default=0, help="seed shared by every method (default: 0)")
     parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     parser.add_argument(
-        "--ratio", type=_merge_ratio, default=ratio, help=f"fraction of tokens merged away (default: {ratio})"
+        "--ratio",
+        type=_merge_ratio,
+        default=DEFAULT_RATIO,
+        help=f"fraction of tokens merged away in each patched block (default: {DEFAULT_RATIO})",
     )
     parser.add_argument(
         "--methods",
@@ -82,28 +92,29 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, ratio: float
         help="what to compare; SD is the unpatched pipeline (default: all)",
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="default: float16 on a GPU, float32 on the CPU"
-    )
-    parser.add_argument("--height", type=_image_side, default=None, help="image height in pixels")
-    parser.add_argument("--width", type=_image_side, default=None, help="image width in pixels")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on a GPU, float32 on the CPU")
+    parser.add_argument("--height", type=_image_side, default=side, help=f"in pixels (default: {size_help})")
+    parser.add_argument("--width", type=_image_side, default=side, help=f"in pixels (default: {size_help})")
     parser.add_argument(
         "--out", type=_png_or_folder, default=Path("outputs"), help="PNG file or folder (default: outputs/)"
     )
 
 
-def _existing_file(text: str) -> Path:
+def _image_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError) as err:  # PIL reports some corrupt files as SyntaxError
+        raise argparse.ArgumentTypeError(f"{text} is not an image PIL can read (use a PNG or JPEG)") from err
     return path
 
 
 def add_image_arg(parser: argparse.ArgumentParser, what: str) -> None:
     """Add ``--image``: the input picture, or a drawn sample scene so the example runs with no files."""
-    parser.add_argument(
-        "--image", type=_existing_file, default=None, help=f"{what} (default: a drawn sample scene)"
-    )
+    parser.add_argument("--image", type=_image_file, default=None, help=f"{what} (default: a drawn sample scene)")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -171,47 +182,55 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", os.sep)) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
 
 
-def _check_source(name: str, flag: str) -> None:
-    """Reject a missing local folder or a malformed hub id without touching the network."""
-    if Path(name).expanduser().is_dir():
-        return
+def _source(name: str, flag: str) -> str:
+    """``name`` as ``from_pretrained`` wants it: an existing folder (``~`` expanded) or a hub id.
+
+    A missing folder or a malformed hub id is reported here, without touching the network.
+    """
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder)
     if _looks_like_path(name):
         raise ExampleError(f"{flag} {name}: no such folder. Pass an existing diffusers folder or a hub id.")
     try:
         validate_repo_id(name)
     except HFValidationError as err:
         raise ExampleError(f"{flag} {name!r} is neither an existing folder nor a valid hub id ({err})") from err
+    return name
 
 
-def _load_advice(name: str, flag: str, err: OSError) -> str:
+def _load_advice(source: str, flag: str, err: OSError) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    lines = [f"could not load {flag} {name!r}: {reason}"]
+    lines = [f"could not load {flag} {source!r}: {reason}"]
+    if Path(source).is_dir():
+        lines.append("  - a local model must be a diffusers folder, as written by save_pretrained()")
+        return "\n".join(lines)
     if isinstance(err, GatedRepoError):
         lines.append("  - this model is gated: accept its licence on huggingface.co, then `hf auth login`")
     else:
-        lines.append(f"  - check the id on https://huggingface.co/{name} (gated models also need `hf auth login`)")
+        lines.append(f"  - check the id on https://huggingface.co/{source} (gated models also need `hf auth login`)")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         lines.append("  - HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded")
     lines.append(
-        f"  - no network? on a machine with one run `hf download {name} --local-dir ./model`, "
+        f"  - no network? on a machine with one run `hf download {source} --local-dir ./model`, "
         f"copy the folder over and pass {flag} ./model"
     )
     return "\n".join(lines)
 
 
 def load_pretrained(
-    cls: type[Loadable], name: str, target: Target, *, flag: str = "--model", **kwargs: Any
+    cls: type[Loadable], name: str | Path, target: Target, *, flag: str = "--model", **kwargs: Any
 ) -> Loadable:
     """``cls.from_pretrained(name)`` in ``target``'s dtype, moved to its device.
 
     ``flag`` is how the user gave ``name`` (``--model``, ``--controlnet``, an environment variable),
     so that a failure says which setting to change.
     """
-    _check_source(str(name), flag)
+    source = _source(str(name), flag)
     try:
-        loaded = cls.from_pretrained(str(name), **{_DTYPE_KWARG: target.dtype}, **kwargs)
+        loaded = cls.from_pretrained(source, **{_DTYPE_KWARG: target.dtype}, **kwargs)
     except OSError as err:
-        raise ExampleError(_load_advice(str(name), flag, err)) from err
+        raise ExampleError(_load_advice(source, flag, err)) from err
     return loaded.to(target.device)
 
 

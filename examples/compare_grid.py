@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffusers import AutoPipelineForText2Image
 
-from common import ExampleError, add_common_args, load_pretrained, output_path, resolve_target, run_cli
+from common import add_common_args, load_pretrained, output_path, resolve_target, run_cli
 from comparison import Run, compare
 from images import contact_sheet, save_png
 
@@ -28,26 +28,27 @@ PROMPTS = (
 )
 
 
+def _prompt_file(text: str) -> list[str]:
+    try:
+        lines = Path(text).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {err.strerror or err}") from err
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise argparse.ArgumentTypeError(f"{text} has no prompts (one per line expected)")
+    return prompts
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", nargs="+", default=list(PROMPTS), help="one or more prompts, one per row")
-    prompts.add_argument("--prompt-file", type=Path, help="text file with one prompt per line")
+    prompts.add_argument("--prompt-file", type=_prompt_file, help="text file with one prompt per line")
     add_common_args(parser, model=MODEL)
     args = parser.parse_args(argv)
     if args.prompt_file is not None:
-        args.prompts = _read_prompts(args.prompt_file)
+        args.prompts = args.prompt_file
     return args
-
-
-def _read_prompts(path: Path) -> list[str]:
-    try:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as err:
-        raise ExampleError(f"--prompt-file {path}: {err.strerror or err}") from err
-    if not prompts:
-        raise ExampleError(f"--prompt-file {path} has no prompts (one per line expected)")
-    return prompts
 
 
 def mean_times(rows: Sequence[Sequence[Run]]) -> str:

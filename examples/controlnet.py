@@ -30,7 +30,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--controlnet", default=CONTROLNET, help=f"canny ControlNet, hub id or local folder (default: {CONTROLNET})"
     )
-    add_common_args(parser, model=MODEL)
+    add_common_args(parser, model=MODEL, side=512)
     return parser.parse_args(argv)
 
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Generate with each method and write edge map and results side by side; returns the PNG's path."""
     args = parse_args(argv)
     target = resolve_target(args)
-    edges = canny(input_image(args.image, args.width or 512, args.height or 512))
+    edges = canny(input_image(args.image, args.width, args.height))
     controlnet = load_pretrained(ControlNetModel, args.controlnet, target, flag="--controlnet")
     pipe = load_pretrained(StableDiffusionControlNetPipeline, args.model, target, controlnet=controlnet)
     runs = compare(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from common import ExampleError, add_common_args, add_image_arg, load_pretrained, output_path, resolve_target, run_cli
+from common import add_common_args, add_image_arg, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
 from images import input_image
 
@@ -33,10 +33,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a watercolor painting of a house in the hills, soft light")
     add_image_arg(parser, "input image")
     parser.add_argument("--strength", type=_strength, default=0.75, help="how far the image is noised (default: 0.75)")
-    add_common_args(parser, model=MODEL)
+    add_common_args(parser, model=MODEL, side=512)
     args = parser.parse_args(argv)
-    if int(args.steps * args.strength) < 1:
-        raise ExampleError(f"--steps {args.steps} at --strength {args.strength} runs no step; raise either")
+    if int(args.steps * args.strength) < 1:  # diffusers runs int(steps * strength) steps
+        parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")
     return args
 
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Generate with each method and write input and results side by side; returns the PNG's path."""
     args = parse_args(argv)
     target = resolve_target(args)
-    image = input_image(args.image, args.width or 512, args.height or 512)
+    image = input_image(args.image, args.width, args.height)
     pipe = load_pretrained(StableDiffusionImg2ImgPipeline, args.model, target)
     runs = compare(
         pipe,

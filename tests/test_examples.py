@@ -77,7 +77,8 @@ def sheet_width(path: Path) -> int:
 
 
 def test_sdxl_script_writes_side_by_side(models: dict[str, Path], tmp_path: Path) -> None:
-    out = load_script("sdxl").main(["--model", str(models["sdxl"]), "--prompt", "a corgi", *FAST, "--out", str(tmp_path)])
+    argv = ["--model", str(models["sdxl"]), "--prompt", "a corgi", *FAST, "--out", str(tmp_path)]
+    out = load_script("sdxl").main(argv)
     assert out == tmp_path / "sdxl.png"
     assert sheet_width(out) == len(METHODS) * TILE
 
@@ -212,6 +213,11 @@ def test_missing_local_folder_is_reported(tmp_path: Path) -> None:
         load_script("sdxl").main(["--model", str(tmp_path / "nowhere"), "--device", "cpu"])
 
 
+def test_folder_that_is_not_a_pipeline_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ExampleError, match="save_pretrained"):
+        load_script("sdxl").main(["--model", str(tmp_path), "--device", "cpu"])
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
@@ -230,15 +236,27 @@ def test_bad_flags_name_the_flag(argv: list[str], flag: str, capsys: pytest.Capt
     assert flag in capsys.readouterr().err
 
 
-def test_missing_input_image_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("content", [None, b"not an image"])
+def test_bad_input_image_names_the_flag(content, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    picture = tmp_path / "picture.png"
+    if content is not None:
+        picture.write_bytes(content)
     with pytest.raises(SystemExit):
-        load_script("controlnet").main(["--image", "no-such-picture.png"])
+        load_script("controlnet").main(["--image", str(picture)])
     assert "--image" in capsys.readouterr().err
 
 
-def test_img2img_refuses_zero_effective_steps() -> None:
-    with pytest.raises(ExampleError, match="--strength"):
+def test_img2img_refuses_zero_effective_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
         load_script("img2img").main(["--steps", "1", "--strength", "0.5"])
+    assert "--strength 0.5 runs no denoising step" in capsys.readouterr().err
+
+
+def test_empty_prompt_file_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "prompts.txt").write_text("\n \n")
+    with pytest.raises(SystemExit):
+        load_script("compare_grid").main(["--prompt-file", str(tmp_path / "prompts.txt")])
+    assert "--prompt-file" in capsys.readouterr().err
 
 
 def test_run_cli_prints_one_line_not_a_traceback() -> None:
