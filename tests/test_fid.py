@@ -1,0 +1,233 @@
+"""eval/fid.py end to end, offline: a tiny pipeline saved to disk, a few images, an injected extractor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny
+from test_fid_math import TinyExtractor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+import fid  # noqa: E402
+import fid_metrics as fm  # noqa: E402
+
+try:
+    import agentsd
+
+    HAVE_AGENTSD = callable(getattr(agentsd, "apply_patch", None))
+except ImportError:
+    HAVE_AGENTSD = False
+METHODS = "sd,tomesd,agentsd" if HAVE_AGENTSD else "sd,tomesd"
+N_IMAGES, BATCH = 5, 2
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(40, 48, 3), (32, 32, 3), (50, 30, 3), (32, 32, 3), (36, 36, 3), (64, 40, 3)]):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"real_{i}.jpg")
+    return str(folder)
+
+
+def argv(model, out, *extra):
+    return ["--model", model, "--out", str(out), "--num-images", str(N_IMAGES), "--batch-size", str(BATCH),
+            "--steps", "2", "--size", "32", "--methods", METHODS, "--ratio", "0.4", "--workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(model, reference, tmp_path_factory):
+    """One full single-process run that several tests look at (and rerun)."""
+    out = tmp_path_factory.mktemp("fid-out")
+    extractor = TinyExtractor()
+    rows = fid.main(argv(model, out, "--reference", reference), feature_extractor=extractor)
+    return out, rows, extractor
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def state_of(out):
+    """Every image and timing file with its modification time."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "images").rglob("*") if p.is_file()}
+
+
+def test_end_to_end_writes_images_tables_and_plot(first_run):
+    out, rows, _ = first_run
+    for name in ["sd", "tomesd-r0.40"] + (["agentsd-r0.40"] if HAVE_AGENTSD else []):
+        images = sorted((out / "images" / name).glob("*.png"))
+        assert [p.name for p in images] == [f"{i:05d}.png" for i in range(N_IMAGES)]
+        assert pixels(images[0]).shape == (32, 32, 3)
+        assert not list((out / "images" / name).glob(".*.tmp"))
+    assert [(r["method"], r["ratio"]) for r in rows] == [("sd", 0.0), ("tomesd", 0.4)] + ([("agentsd", 0.4)] if HAVE_AGENTSD else [])
+    for r in rows:
+        assert r["images"] == N_IMAGES
+        assert np.isfinite(r["fid"]) and r["fid"] > -1e-6
+        assert r["sec_per_image"] > 0 and r["gb_per_image"] is None  # CPU: memory is not measured
+        assert r["timed_images"] == N_IMAGES - BATCH  # the first batch is the warm-up
+        assert (r["fid_vs_sd"] is None) == (r["method"] == "sd")
+    assert all(np.isfinite(r["fid_vs_sd"]) for r in rows[1:])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["settings"]["images"] == N_IMAGES
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["method"] for t in table] == [r["method"] for r in rows]
+    md = (out / "results.md").read_text()
+    assert "| SD | 0 |" in md and "| ToMeSD | 0.4 |" in md and "28.74" in md  # the paper's number beside ours
+    assert (out / "fid_vs_time.png").stat().st_size > 1000
+    assert list((out / "cache").glob("reference-*.npz"))
+
+
+def test_same_seed_same_image_under_every_method_and_agents_change_it(first_run):
+    out, _, _ = first_run
+    sd, tome = pixels(out / "images/sd/00003.png"), pixels(out / "images/tomesd-r0.40/00003.png")
+    assert sd.shape == tome.shape
+    # Different seeds give different images; the same seed stays close across methods.
+    other = pixels(out / "images/sd/00004.png")
+    assert np.abs(sd.astype(int) - tome).mean() < np.abs(sd.astype(int) - other).mean()
+
+
+def test_rerun_skips_everything_and_keeps_timings(first_run, model, reference):
+    out, rows, _ = first_run
+    before = state_of(out)
+    extractor = TinyExtractor()
+    again = fid.main(argv(model, out, "--reference", reference), feature_extractor=extractor)
+    assert state_of(out) == before  # no image rewritten, no timing record added
+    assert extractor.images_seen == 0  # reference and image statistics came from the cache
+    for a, b in zip(rows, again):
+        assert a["fid"] == pytest.approx(b["fid"]) and a["sec_per_image"] == b["sec_per_image"]
+
+
+def test_interrupted_batch_is_made_again_and_half_written_files_never_count(first_run, model, reference):
+    out, _, _ = first_run
+    folder = out / "images" / "sd"
+    original = pixels(folder / "00003.png")
+    (folder / "00003.png").unlink()
+    (folder / ".00003.png.999.tmp").write_bytes(b"half a png")  # what a kill during save leaves
+    before = state_of(out)
+    fid.main(argv(model, out, "--reference", reference, "--methods", "sd"), feature_extractor=TinyExtractor())
+    after = state_of(out)
+    changed = {k for k in after if before.get(k) != after[k]}
+    new_timing = [k for k in changed if "timing-" in k]
+    assert changed - set(new_timing) == {"images/sd/00002.png", "images/sd/00003.png"}  # the whole batch 2-3
+    assert json.loads((out / new_timing[0]).read_text())["generated"] == [2, 3]
+    np.testing.assert_array_equal(pixels(folder / "00003.png"), original)
+
+
+def test_other_settings_in_the_same_folder_are_refused(first_run, model, capsys):
+    out, _, _ = first_run
+    with pytest.raises(SystemExit):
+        fid.main(argv(model, out, "--steps", "3", "--no-fid"))
+    err = capsys.readouterr().err
+    assert "--out" in err and "steps: 2 -> 3" in err
+
+
+def test_reference_npz_and_no_reference(first_run, model, tmp_path):
+    out, rows, _ = first_run
+    stats = fm.Stats.load(next((out / "cache").glob("reference-*.npz")))
+    np.savez(tmp_path / "ref.npz", mu=stats.mu, sigma=stats.sigma)
+    with_npz = fid.main(argv(model, out, "--reference", str(tmp_path / "ref.npz")), feature_extractor=TinyExtractor())
+    assert [r["fid"] for r in with_npz] == pytest.approx([r["fid"] for r in rows])
+    without = fid.main(argv(model, out), feature_extractor=TinyExtractor())
+    assert all(r["fid"] is None for r in without)
+    assert [r["fid_vs_sd"] for r in without] == [r["fid_vs_sd"] for r in rows]
+
+
+def test_real_run_builds_the_inception_network_through_the_same_path(first_run, model, tmp_path, monkeypatch):
+    out, rows, _ = first_run
+    weights = tmp_path / fm.INCEPTION_FILE
+    weights.write_bytes(b"stand-in")
+    asked = []
+    monkeypatch.setattr(fm, "torch_fidelity_available", lambda: True)
+    monkeypatch.setattr(fm, "build_inception", lambda path: asked.append(path) or TinyExtractor())
+    again = fid.main(argv(model, out, "--inception-weights", str(weights)))
+    assert asked == [str(weights)]
+    assert [r["fid_vs_sd"] for r in again] == pytest.approx([r["fid_vs_sd"] for r in rows])
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--ratio", "1.0"], "--ratio"),
+    (["--ratio", "0.4", "-0.1"], "--ratio"),
+    (["--methods", "sd,tome"], "--methods"),
+    (["--reference", "/no/such/folder"], "--reference"),
+    (["--inception-weights", "/no/such/file.pth"], "--inception-weights"),
+    (["--dtype", "float16", "--device", "cpu"], "--dtype"),
+    (["--size", "30"], "--size"),
+    (["--scheduler", "nope"], "--scheduler"),
+])
+def test_bad_input_fails_before_anything_runs(model, tmp_path, monkeypatch, capsys, extra, flag):
+    monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model despite bad input"))
+    with pytest.raises(SystemExit) as exit_:
+        fid.main(argv(model, tmp_path / "out", *extra), feature_extractor=TinyExtractor())
+    assert exit_.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_unwritable_output_folder(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model despite bad input"))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        fid.main(argv(model, tmp_path / "a-file" / "out"), feature_extractor=TinyExtractor())
+    assert "--out" in capsys.readouterr().err
+
+
+def test_no_inception_network_is_a_clear_error_before_generation(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fm, "torch_fidelity_available", lambda: False)
+    monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model without an Inception network"))
+    with pytest.raises(SystemExit):
+        fid.main(argv(model, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert 'pip install "agentsd[fid]"' in err and "--inception-weights" in err
+
+
+WRAPPER = """
+import sys
+sys.path[:0] = [{tests!r}, {eval!r}]
+from test_fid_math import TinyExtractor
+import fid
+fid.main(sys.argv[1:], feature_extractor=TinyExtractor())
+"""
+
+
+def test_accelerate_launch_two_cpu_processes_shard_the_images(first_run, model, reference, tmp_path):
+    single, _, _ = first_run
+    wrapper = tmp_path / "run_fid.py"
+    wrapper.write_text(WRAPPER.format(tests=str(ROOT / "tests"), eval=str(ROOT / "eval")))
+    out = tmp_path / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # accelerate's --cpu alone starts one process unless mpirun is there; --multi_gpu is torchrun, and
+    # with --device cpu the two processes meet over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(wrapper), *argv(model, out, "--reference", reference, "--device", "cpu")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ["sd", "tomesd-r0.40"] + (["agentsd-r0.40"] if HAVE_AGENTSD else []):
+        folder = out / "images" / name
+        records = [json.loads(p.read_text()) for p in folder.glob("timing-*.json")]
+        made = sorted(i for r in records for i in r["generated"])
+        assert made == list(range(N_IMAGES))  # none missing, none twice
+        assert {r["process"] for r in records} == {0, 1}
+        for i in range(N_IMAGES):  # the same images as the single-process run (up to thread-count rounding)
+            a, b = pixels(folder / f"{i:05d}.png").astype(int), pixels(single / "images" / name / f"{i:05d}.png")
+            assert np.abs(a - b).max() <= 2 and (a != b).mean() < 0.01
+    assert done.stdout.count("results ->") == 1 and done.stdout.count("| Method |") == 1  # once, on the main process
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(r["images"] == N_IMAGES for r in rows)
