@@ -29,8 +29,15 @@ Measurements:
 
 Resumable: finished images are skipped, each written under a temporary name and renamed; a batch with
 any image missing is made again whole (so the token-merging randomness, seeded per batch, repeats).
-Sharding: ``accelerate launch eval/fid.py ...`` gives batch k to process ``k % num_processes``; the
-main process waits for the others, then computes FID and writes the tables.
+Sharding: ``accelerate launch --num_processes 8 eval/fid.py ...`` gives batch k to process
+``k % num_processes`` (one GPU each); the main process waits for the others, then computes FID and
+writes the tables. Several CPU processes: ``accelerate launch --multi_gpu --num_processes 2 eval/fid.py
+--device cpu`` (torchrun with gloo; accelerate's ``--cpu`` alone starts one process unless mpirun is
+installed). Images do not depend on the process count, up to float rounding of the thread count.
+
+Errors: bad flags stop the run before the model is loaded, with a message that names the flag;
+``--dtype float16`` on the CPU is refused (no fallback). The safety checker is off (it would blank
+images and bias FID).
 """
 
 from __future__ import annotations
@@ -38,13 +45,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,21 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--methods", nargs="+", default=list(METHODS), help=f"any of {', '.join(METHODS)} (space or comma separated)")
     a("--model", default=DEFAULT_MODEL, help="hub id or local folder of a diffusers pipeline")
     a("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
-    a("--steps", type=int, default=50)
-    a("--guidance", type=float, default=7.5)
+    a("--steps", type=int, default=50, help="denoising steps")
+    a("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     a("--size", default="512", help="N (square) or WIDTHxHEIGHT, in pixels")
-    a("--images-per-class", type=int, default=2)
+    a("--images-per-class", type=int, default=2, help="images of each class")
     a("--num-images", type=int, default=None, help="total image count (overrides --images-per-class); image i has class i %% C")
     a("--classes", default=None, help="class-name file, one a line (default: ImageNet-1k, shipped with agentsd)")
     a("--prompt", default="A high quality photograph of a {}.", help="prompt template; {} is the class name")
-    a("--seed", type=int, default=0)
-    a("--batch-size", type=int, default=4)
+    a("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    a("--batch-size", type=int, default=4, help="images per pipeline call (and per timing/memory sample)")
     a("--device", default=None, help="cuda, cuda:1, cpu, mps (default: accelerate's device for this process)")
     a("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float16, bfloat16, float32")
     a("--out", default="fid-results", help="output folder")
-    a("--reference", default=None, help="folder of real images, or a .npz with mu and sigma (pytorch-fid)")
+    a("--reference", default=None, help="folder of real images (centre-cropped and resized to --size), or a .npz with mu and sigma (pytorch-fid)")
     a("--inception-weights", default=None, help=f"local {fm.INCEPTION_FILE} instead of downloading it")
-    a("--fid-batch-size", type=int, default=50)
+    a("--fid-batch-size", type=int, default=50, help="images per feature-extractor call")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading workers for FID")
     a("--no-fid", action="store_true", help="only generate and time images")
     return p
@@ -165,9 +172,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
         p.error("--dtype: float16 is not supported on the CPU; use --dtype float32 (or bfloat16)")
 
     if "tomesd" in args.methods:
-        try:
-            import tomesd  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("tomesd") is None:
             p.error('--methods: tomesd needs the tomesd package: pip install "agentsd[eval]"')
     if "agentsd" in args.methods:
         try:
@@ -204,6 +209,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
         p.error(f"--inception-weights: no such file {args.inception_weights}")
 
     args.total = args.num_images or args.images_per_class * len(args.class_names)
+    if args.total < 2 and not args.no_fid:
+        p.error("--num-images: FID needs at least 2 images (or pass --no-fid)")
     args.runs = [Run("sd")] if "sd" in args.methods else []
     args.runs += [Run(m, r) for m in ("tomesd", "agentsd") if m in args.methods for r in dict.fromkeys(args.ratios)]
     for run in args.runs:
@@ -263,6 +270,11 @@ def remove_method(pipe, run: Run) -> None:
         __import__(run.method).remove_patch(pipe)
 
 
+def prompt_for(args, i: int) -> str:
+    """Image i shows class ``i % C``: any prefix of the image list spreads over the classes."""
+    return args.prompt.format(args.class_names[i % len(args.class_names)])
+
+
 def image_path(folder: Path, i: int) -> Path:
     return folder / f"{i:05d}.png"
 
@@ -295,7 +307,7 @@ def generate(pipe, run: Run, args, state) -> None:
             with torch.random.fork_rng(devices=[args.device] if cuda else []):
                 torch.manual_seed(args.seed + idx[0])
                 apply_method(pipe, run, args.seed, args.seed + idx[0])
-                prompts = [args.prompt.format(args.class_names[i % len(args.class_names)]) for i in idx]
+                prompts = [prompt_for(args, i) for i in idx]
                 gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
                 sync()
                 if cuda:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from accelerate import PartialState
 from PIL import Image
 
 import tiny
@@ -180,6 +182,17 @@ def test_bad_input_fails_before_anything_runs(model, tmp_path, monkeypatch, caps
     assert not (tmp_path / "out" / "images").exists()
 
 
+def test_prompts_follow_the_protocol(model, tmp_path):
+    parser = fid.build_parser()
+    args = parser.parse_args(["--out", str(tmp_path), "--no-fid", "--device", "cpu", "--methods", "sd"])
+    fid.check_args(parser, args, PartialState())
+    assert args.total == 2000 and len(args.class_names) == 1000
+    assert fid.prompt_for(args, 0) == "A high quality photograph of a tench."
+    assert fid.prompt_for(args, 1001) == "A high quality photograph of a goldfish."
+    assert (args.steps, args.guidance, args.width, args.height, args.scheduler, args.model) == (
+        50, 7.5, 512, 512, "pndm", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
 def test_unwritable_output_folder(model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model despite bad input"))
     (tmp_path / "a-file").write_text("not a folder")
@@ -195,6 +208,12 @@ def test_no_inception_network_is_a_clear_error_before_generation(model, tmp_path
         fid.main(argv(model, tmp_path / "out"))
     err = capsys.readouterr().err
     assert 'pip install "agentsd[fid]"' in err and "--inception-weights" in err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 WRAPPER = """
@@ -215,7 +234,7 @@ def test_accelerate_launch_two_cpu_processes_shard_the_images(first_run, model, 
     # accelerate's --cpu alone starts one process unless mpirun is there; --multi_gpu is torchrun, and
     # with --device cpu the two processes meet over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(wrapper), *argv(model, out, "--reference", reference, "--device", "cpu")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
