@@ -16,7 +16,7 @@ from pathlib import Path
 from diffusers import AutoPipelineForText2Image
 
 from common import add_common_args, load_pretrained, output_path, resolve_target, run_cli
-from comparison import Run, compare
+from comparison import Run, compare, timing_table
 from images import contact_sheet, save_png
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -51,13 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def mean_times(rows: Sequence[Sequence[Run]]) -> str:
-    """Average seconds per method over all prompts."""
-    lines = []
-    for column in zip(*rows):
-        seconds = sum(run.seconds for run in column) / len(column)
-        lines.append(f"{column[0].method:<8} {seconds:8.2f} s per image (mean over {len(column)} prompts)")
-    return "\n".join(lines)
+def mean_seconds(rows: Sequence[Sequence[Run]]) -> dict[str, float]:
+    """Average seconds per image of each method over all prompts."""
+    return {column[0].method: sum(run.seconds for run in column) / len(column) for column in zip(*rows)}
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -67,9 +63,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pipe = load_pretrained(AutoPipelineForText2Image, args.model, target)
     call = {"num_inference_steps": args.steps, "height": args.height, "width": args.width}
     rows = [
-        compare(pipe, args.methods, ratio=args.ratio, seed=args.seed, prompt=prompt, **call) for prompt in args.prompts
+        compare(pipe, args.methods, ratio=args.ratio, seed=args.seed, warm=row == 0, prompt=prompt, **call)
+        for row, prompt in enumerate(args.prompts)
     ]
-    print(mean_times(rows))
+    print(f"mean over {len(rows)} prompts:\n{timing_table(mean_seconds(rows))}")
     tiles = [[(run.caption, run.image) for run in row] for row in rows]
     path = save_png(contact_sheet(tiles, titles=args.prompts), output_path(args.out, "grid.png"))
     print(f"wrote {path}")

@@ -8,7 +8,7 @@ patch is removed again when its run ends, even if the run fails.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,11 +114,21 @@ def warm_up(pipe: DiffusionPipeline, **call_kwargs: Any) -> None:
 
 
 def compare(
-    pipe: DiffusionPipeline, methods: Sequence[str], *, ratio: float, seed: int, **call_kwargs: Any
+    pipe: DiffusionPipeline,
+    methods: Sequence[str],
+    *,
+    ratio: float,
+    seed: int,
+    warm: bool = True,
+    **call_kwargs: Any,
 ) -> list[Run]:
-    """One :class:`Run` per method, in order, each from the same seed and call arguments."""
+    """One :class:`Run` per method, in order, each from the same seed and call arguments.
+
+    ``warm=False`` skips :func:`warm_up`, for a pipeline that has already generated.
+    """
     check_methods(methods)
-    warm_up(pipe, **call_kwargs)
+    if warm:
+        warm_up(pipe, **call_kwargs)
     runs = []
     for method in methods:
         with patched(pipe, method, ratio):
@@ -126,21 +136,21 @@ def compare(
     return runs
 
 
-def timing_table(runs: Sequence[Run]) -> str:
-    """Seconds per run, and the speed-up over the unpatched "SD" run when there is one."""
-    baseline = next((run.seconds for run in runs if run.method == "SD"), None)
+def timing_table(seconds: Mapping[str, float]) -> str:
+    """Seconds per method, and the speed-up over the unpatched "SD" run when there is one."""
+    baseline = seconds.get("SD")
     lines = []
-    for run in runs:
-        line = f"{run.method:<8} {run.seconds:8.2f} s"
-        if baseline is not None and run.method != "SD":
-            line += f"   {baseline / run.seconds:.2f}x vs SD"
+    for method, spent in seconds.items():
+        line = f"{method:<8} {spent:8.2f} s"
+        if baseline is not None and method != "SD":
+            line += f"   {baseline / spent:.2f}x vs SD"
         lines.append(line)
     return "\n".join(lines)
 
 
 def save_comparison(runs: Sequence[Run], path: Path, inputs: Sequence[Tile] = ()) -> Path:
     """Print the timings and write ``inputs`` and the runs side by side, captioned, to ``path``."""
-    print(timing_table(runs))
+    print(timing_table({run.method: run.seconds for run in runs}))
     save_png(contact_sheet([[*inputs, *((run.caption, run.image) for run in runs)]]), path)
     print(f"wrote {path}")
     return path
