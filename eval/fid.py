@@ -249,11 +249,11 @@ def load_pipeline(args):
     return pipe.to(args.device)
 
 
-def apply_method(pipe, run: Run, seed: int, batch_seed: int) -> None:
+def apply_method(pipe, run: Run, seed: int) -> None:
     """Patch ``pipe`` for ``run`` before every batch, so that its random destination choice repeats.
 
-    tomesd forks the global RNG when first called after a patch (the caller seeds it with
-    ``batch_seed``); agentsd takes ``seed`` and reseeds itself at every UNet call.
+    tomesd forks the global RNG when first called after a patch (the caller seeds that with
+    ``seed + first index of the batch``); agentsd takes ``seed`` and reseeds itself at every UNet call.
     """
     if run.method == "tomesd":
         import tomesd
@@ -306,7 +306,7 @@ def generate(pipe, run: Run, args, state) -> None:
         for idx in todo:
             with torch.random.fork_rng(devices=[args.device] if cuda else []):
                 torch.manual_seed(args.seed + idx[0])
-                apply_method(pipe, run, args.seed, args.seed + idx[0])
+                apply_method(pipe, run, args.seed)
                 prompts = [prompt_for(args, i) for i in idx]
                 gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
                 sync()
@@ -332,13 +332,15 @@ def generate(pipe, run: Run, args, state) -> None:
         remove_method(pipe, run)
         timed = records[1:] if len(records) > 1 else records  # the first batch is a warm-up
         if timed:
-            mem = [m for _, _, m in timed if m is not None]
+            full = [m for idx, _, m in timed if m is not None and len(idx) == b]  # a short last batch overstates
+            mem = full or [m for _, _, m in timed if m is not None]
             record = {"images": sum(len(i) for i, _, _ in timed), "seconds": sum(s for _, s, _ in timed),
                       "peak_bytes_per_image": max(mem) if mem else None, "batch_size": b,
                       "device": torch.cuda.get_device_name(args.device) if cuda else str(args.device),
                       "process": state.process_index, "generated": [i for idx, _, _ in records for i in idx]}
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            (folder / f"timing-{stamp}-p{state.process_index}-{os.getpid()}.json").write_text(json.dumps(record))
+            name = f"timing-{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{os.getpid()}.json"
+            (folder / f".{name}.tmp").write_text(json.dumps(record))
+            os.replace(folder / f".{name}.tmp", folder / name)
 
 
 def timing(folder: Path) -> dict:
@@ -419,7 +421,7 @@ def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {LABELS[r['method']]} | {r['ratio']:g} | {fmt(r['fid'])} | {fmt(r['fid_vs_sd'])} | "
-                     f"{fmt(r['sec_per_image'], 3)} | {fmt(r['speedup_vs_sd'])}x | {fmt(r['gb_per_image'])} | "
+                     f"{fmt(r['sec_per_image'], 3)} | {fmt(r['speedup_vs_sd']) + ('x' if r['speedup_vs_sd'] else '')} | {fmt(r['gb_per_image'])} | "
                      f"{fmt(r['paper_fid'])} | {fmt(r['paper_sec_per_image'])} | {fmt(r['paper_gb_per_image'])} |")
     lines += ["", meta["time"] + ".", meta["memory"] + "."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -443,6 +445,7 @@ def plot(path: Path, rows: list[dict], use_ref: bool) -> None:
     ax.set_ylabel("FID vs reference" if use_ref else "FID vs SD (same seeds)")
     ax.set_title("FID against time per image (lower left is better)")
     ax.grid(alpha=0.3)
+    ax.margins(0.2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -481,7 +484,9 @@ def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | 
             folder = args.out / "images" / run.name
             folder.mkdir(parents=True, exist_ok=True)
             if not (folder / "settings.json").exists():  # check_args refused a mismatch already
-                (folder / "settings.json").write_text(json.dumps(run_settings(args, run), indent=2))
+                tmp = folder / f".settings.json.{os.getpid()}.tmp"  # other processes may be reading it
+                tmp.write_text(json.dumps(run_settings(args, run), indent=2))
+                os.replace(tmp, folder / "settings.json")
     state.wait_for_everyone()
 
     pipe = load_pipeline(args)
