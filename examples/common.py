@@ -68,14 +68,18 @@ def _png_or_folder(text: str) -> Path:
     return path
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, model: str, side: int | None = None) -> None:
-    """Add the flags every example shares: model, seed, steps, ratio, methods, device, dtype, size, out.
+def example_parser(doc: str, *, model: str, prompt: str | None, side: int | None = None) -> argparse.ArgumentParser:
+    """A parser with the flags every example shares, its ``--help`` led by the script's docstring.
 
+    ``prompt`` is the default ``--prompt`` (``None``: the script takes its prompts otherwise).
     ``side`` is the default ``--height`` and ``--width``; ``None`` leaves the size to the pipeline,
     which uses the resolution its model was trained at.
     """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     size_help = "the model's native size" if side is None else str(side)
     parser.add_argument("--model", default=model, help=f"hub id or local diffusers folder (default: {model})")
+    if prompt is not None:
+        parser.add_argument("--prompt", default=prompt, help=f"what to generate (default: {prompt!r})")
     parser.add_argument("--seed", type=int, default=0, help="seed shared by every method (default: 0)")
     parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     parser.add_argument(
@@ -98,6 +102,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, side: int | 
     parser.add_argument(
         "--out", type=_png_or_folder, default=Path("outputs"), help="PNG file or folder (default: outputs/)"
     )
+    return parser
 
 
 def _image_file(text: str) -> Path:

@@ -1,10 +1,10 @@
 """A comparison grid for a list of prompts: one row per prompt, one column per method, with times.
 
     python examples/compare_grid.py --prompts "a corgi on a beach" "a bowl of ramen" --out grid.png
-    python examples/compare_grid.py --prompt-file prompts.txt --model stabilityai/stable-diffusion-2-1-base
+    python examples/compare_grid.py --prompt-file prompts.txt --model stabilityai/stable-diffusion-xl-base-1.0
 
-``--model`` may be any text-to-image Stable Diffusion checkpoint (1.x, 2.x or XL): the pipeline
-class is picked from the model's own ``model_index.json``.
+--model may be any text-to-image Stable Diffusion checkpoint (1.x, 2.x or XL): the pipeline
+class is picked from the model's own model_index.json.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from diffusers import AutoPipelineForText2Image
 
-from common import add_common_args, load_pretrained, output_path, resolve_target, run_cli
+from common import example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import Run, compare, timing_table
 from images import contact_sheet, save_png
 
@@ -40,11 +40,10 @@ def _prompt_file(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = example_parser(__doc__, model=MODEL, prompt=None)
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompts", nargs="+", default=list(PROMPTS), help="one or more prompts, one per row")
     prompts.add_argument("--prompt-file", type=_prompt_file, help="text file with one prompt per line")
-    add_common_args(parser, model=MODEL)
     args = parser.parse_args(argv)
     if args.prompt_file is not None:
         args.prompts = args.prompt_file
@@ -53,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def mean_seconds(rows: Sequence[Sequence[Run]]) -> dict[str, float]:
     """Average seconds per image of each method over all prompts."""
-    return {column[0].method: sum(run.seconds for run in column) / len(column) for column in zip(*rows)}
+    return {column[0].method: sum(run.seconds for run in column) / len(column) for column in zip(*rows, strict=True)}
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -15,22 +15,21 @@ from pathlib import Path
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
 from canny import canny
-from common import add_common_args, add_image_arg, load_pretrained, output_path, resolve_target, run_cli
+from common import add_image_arg, example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
 from images import input_image
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CONTROLNET = "lllyasviel/sd-controlnet-canny"
+PROMPT = "a cozy cottage in the mountains at sunset, detailed, warm colors"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", default="a cozy cottage in the mountains at sunset, detailed, warm colors")
+    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT, side=512)
     add_image_arg(parser, "picture whose canny edges guide the generation")
     parser.add_argument(
         "--controlnet", default=CONTROLNET, help=f"canny ControlNet, hub id or local folder (default: {CONTROLNET})"
     )
-    add_common_args(parser, model=MODEL, side=512)
     return parser.parse_args(argv)
 
 

@@ -2,8 +2,8 @@
 
     python examples/img2img.py --image photo.jpg --prompt "a watercolor painting" --strength 0.6
 
-Without ``--image`` a drawn sample scene is used. Image-to-image starts part-way down the noise
-schedule (``--strength``), so fewer steps run in AgentSD's agent phase than in text-to-image.
+Without --image a drawn sample scene is used. Image-to-image starts part-way down the noise
+schedule (--strength), so fewer steps run in AgentSD's agent phase than in text-to-image.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from common import add_common_args, add_image_arg, load_pretrained, output_path, resolve_target, run_cli
+from common import add_image_arg, example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
 from images import input_image
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PROMPT = "a watercolor painting of a house in the hills, soft light"
 
 
 def _strength(text: str) -> float:
@@ -29,11 +30,9 @@ def _strength(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", default="a watercolor painting of a house in the hills, soft light")
+    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT, side=512)
     add_image_arg(parser, "input image")
     parser.add_argument("--strength", type=_strength, default=0.75, help="how far the image is noised (default: 0.75)")
-    add_common_args(parser, model=MODEL, side=512)
     args = parser.parse_args(argv)
     if int(args.steps * args.strength) < 1:  # diffusers runs int(steps * strength) steps
         parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")

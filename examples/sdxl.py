@@ -3,7 +3,7 @@
     python examples/sdxl.py --prompt "a corgi astronaut, studio light" --steps 30 --out outputs/
 
 SDXL has no attention at full latent resolution, so both patches act one level down (AgentSD finds
-this itself; ToMeSD is given ``max_downsample=2``). At 1024 px, merging saves more than at 512 px.
+this itself; ToMeSD is given max_downsample=2). At 1024 px, merging saves more than at 512 px.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from pathlib import Path
 
 from diffusers import StableDiffusionXLPipeline
 
-from common import add_common_args, load_pretrained, output_path, resolve_target, run_cli
+from common import example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
 
 MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+PROMPT = "a photo of an astronaut riding a horse on the moon, high detail"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon, high detail")
-    add_common_args(parser, model=MODEL)
+    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT)
     return parser.parse_args(argv)
 
 
