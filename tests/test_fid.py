@@ -149,6 +149,9 @@ def test_reference_npz_and_no_reference(first_run, model, tmp_path):
     without = fid.main(argv(model, out), feature_extractor=TinyExtractor())
     assert all(r["fid"] is None for r in without)
     assert [r["fid_vs_sd"] for r in without] == [r["fid_vs_sd"] for r in rows]
+    timed_only = fid.main(argv(model, out, "--no-fid"))  # no extractor needed at all
+    assert all(r["fid"] is None and r["fid_vs_sd"] is None for r in timed_only)
+    assert [r["sec_per_image"] for r in timed_only] == [r["sec_per_image"] for r in rows]
 
 
 def test_real_run_builds_the_inception_network_through_the_same_path(first_run, model, tmp_path, monkeypatch):
@@ -191,6 +194,12 @@ def test_prompts_follow_the_protocol(model, tmp_path):
     assert fid.prompt_for(args, 1001) == "A high quality photograph of a goldfish."
     assert (args.steps, args.guidance, args.width, args.height, args.scheduler, args.model) == (
         50, 7.5, 512, 512, "pndm", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_the_script_runs_as_a_command_and_names_the_bad_flag(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "eval" / "fid.py"), "--ratio", "1.5", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "--ratio: 1.5 is outside [0, 1)" in done.stderr
 
 
 def test_unwritable_output_folder(model, tmp_path, monkeypatch, capsys):
