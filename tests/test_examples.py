@@ -19,7 +19,7 @@ import torch
 from nbclient import NotebookClient
 from PIL import Image
 
-from tiny import save_tiny_pipeline, tiny_pipeline
+from tiny import save_tiny_pipeline, tiny_pipeline, tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -30,7 +30,7 @@ for folder in (REPO, EXAMPLES):  # agentsd itself, and the examples' shared modu
 import agentsd  # noqa: E402
 from canny import canny  # noqa: E402
 from common import ExampleError, Target, run_cli  # noqa: E402
-from comparison import METHODS, compare, generate, patched  # noqa: E402
+from comparison import METHODS, compare, generate, patched, top_attention_downsample  # noqa: E402
 from images import contact_sheet, save_png  # noqa: E402
 
 TILE = 32  # the tiny pipelines' image size
@@ -115,11 +115,18 @@ def test_compare_grid_has_a_row_per_prompt(models: dict[str, Path], tmp_path: Pa
         assert grid.height > 2 * TILE  # two rows of tiles plus titles and captions
 
 
+def notebook_code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def test_notebook_is_committed_without_outputs() -> None:
+    notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    assert all(not cell.outputs and cell.execution_count is None for cell in notebook_code_cells(notebook))
+
+
 def test_notebook_runs_top_to_bottom(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
-    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert all(not cell.outputs and cell.execution_count is None for cell in code), "commit it without outputs"
-
     monkeypatch.setenv("AGENTSD_MODEL", str(models["sd"]))
     monkeypatch.setenv("AGENTSD_STEPS", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch, as one_thread does here
@@ -127,7 +134,7 @@ def test_notebook_runs_top_to_bottom(models: dict[str, Path], monkeypatch: pytes
     client = NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": EXAMPLES}})
     client.execute()
 
-    last = code[-1].outputs
+    last = notebook_code_cells(notebook)[-1].outputs
     assert any("image/png" in output.get("data", {}) for output in last), "the side-by-side image is not shown"
     printed = "".join(output.get("text", "") for output in last)
     assert all(method in printed for method in METHODS)
@@ -144,6 +151,11 @@ def test_compare_is_seeded_and_leaves_pipeline_unpatched(sd_pipe) -> None:
     again = generate(sd_pipe, "SD", seed=3, **call)
     np.testing.assert_array_equal(again.image, runs[0].image)  # same seed, same image
     assert not np.array_equal(runs[2].image, runs[0].image)  # AgentSD really ran patched
+
+
+def test_tomesd_is_pointed_at_the_top_attention_level() -> None:
+    assert top_attention_downsample(tiny_unet("sd1")) == 1
+    assert top_attention_downsample(tiny_unet("sdxl")) == 2  # tomesd's default of 1 would patch nothing
 
 
 def test_patch_is_removed_when_generation_fails(sd_pipe) -> None:
