@@ -25,7 +25,7 @@ from PIL import Image
 
 from comparison import METHODS, check_methods
 
-#: The merge ratio of AgentSD's headline results on SD 1.5.
+#: Default --ratio: the ratio of the recipe as agentsd documents it, apply_patch(pipe, ratio=0.4).
 DEFAULT_RATIO = 0.4
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
