@@ -155,7 +155,7 @@ class FeedForwardHook(ModelHook):
 
     def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
         plan = self.state.plan
-        if plan is None or output.shape[1] != plan.num_tokens - plan.tokens.src_idx.shape[1]:
+        if plan is None or output.shape[1] != plan.tokens.num_merged:
             return output
         return plan.unmerge(output)
 

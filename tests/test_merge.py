@@ -84,15 +84,17 @@ def test_nothing_to_merge_gives_no_plan_and_r_is_capped_at_the_sources():
     assert capped.merge(x).shape[1] == 16
 
 
-def test_merge_averages_destination_with_its_sources():
-    x = _metric(b=1)
-    plan = plan_merge(x, 8, 8, 2, 2, r=20)
+@pytest.mark.parametrize("sx,r", [(2, 20), (4, 40)])
+def test_every_merged_token_is_the_mean_of_the_tokens_that_unmerge_to_it(sx, r):
+    x = _metric(b=2)
+    plan = plan_merge(x, 8, 8, sx, sx, r=r, generator=torch.Generator().manual_seed(0))
     merged = plan.merge(x)
-    slots = plan.tokens.dst_slot[0]
-    slot = int(slots[0])
-    members = plan.tokens.src_idx[0][slots == slot]
-    expected = torch.cat([x[0, plan.tokens.keep_idx[0, slot]].unsqueeze(0), x[0, members]]).mean(0)
-    assert torch.allclose(merged[0, slot], expected, atol=1e-6)
+    slot = plan.unmerge_rows.view(2, 64) - torch.arange(2).unsqueeze(1) * merged.shape[1]
+    for b in range(2):
+        assert sorted(set(slot[b].tolist())) == list(range(merged.shape[1]))
+        for j in range(merged.shape[1]):
+            assert torch.allclose(merged[b, j], x[b, slot[b] == j].mean(0), atol=1e-6)
+    assert torch.equal(plan.unmerge(merged), merged[torch.arange(2).unsqueeze(1), slot])
 
 
 def test_grid_mismatch_is_an_error():
