@@ -1,0 +1,196 @@
+"""Full-size Stable Diffusion UNet architectures, built with random weights.
+
+Speed and memory depend on a model's shapes, not on its weight values, so the benchmark can build
+the real architectures from their configs and run offline on any machine. Each ``unet`` dict below
+is the architecture part of the published ``unet/config.json`` (metadata such as
+``_diffusers_version`` and keys left at diffusers' defaults are omitted; every key that changes a
+shape or an attention setting is spelled out). Each architecture also carries the scheduler its
+pipeline ships with, so a random-weight generation walks the same timesteps as the real one (which
+matters to AgentSD: its recipe switches phase on the timestep).
+
+``tiny`` and ``tiny-xl`` are two-level toys for the smoke test: ``tiny`` has attention at the top
+latent level like SD 1.x/2.x, ``tiny-xl`` only one level down plus the ``text_time`` conditioning,
+like SDXL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
+
+# Noise schedule shared by SD 1.x, SD 2.x and SDXL.
+_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+_SD_BLOCKS = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+}
+
+#: runwayml / stable-diffusion-v1-5, unet/config.json (859.5 M parameters).
+SD15_UNET: dict[str, Any] = {**_SD_BLOCKS, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
+
+#: stabilityai / stable-diffusion-2-1, unet/config.json (865.9 M parameters).
+SD21_UNET: dict[str, Any] = {
+    **_SD_BLOCKS,
+    "sample_size": 96,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "num_class_embeds": None,
+}
+
+#: stabilityai / stable-diffusion-xl-base-1.0, unet/config.json (2567.5 M parameters).
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "upcast_attention": None,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+}
+
+_TINY = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+
+#: Two levels, attention at the top one (SD 1.x-like), for the smoke test.
+TINY_UNET: dict[str, Any] = {
+    **_TINY,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+}
+
+#: Two levels, attention only one level down, ``text_time`` conditioning (SDXL-like).
+TINY_XL_UNET: dict[str, Any] = {
+    **_TINY,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64,
+    "attention_head_dim": [4, 8],
+    "transformer_layers_per_block": [1, 2],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+}
+
+_PNDM_SD15 = {**_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A UNet architecture and the scheduler its text-to-image pipeline uses.
+
+    Attributes:
+        unet: Keyword config of :class:`~diffusers.UNet2DConditionModel`.
+        scheduler: Scheduler class of the published pipeline.
+        scheduler_config: Its ``scheduler/scheduler_config.json`` settings.
+    """
+
+    unet: dict[str, Any]
+    scheduler: type[SchedulerMixin]
+    scheduler_config: dict[str, Any]
+
+    def build_unet(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+        """The UNet with seeded random weights (diffusers' default init), on ``device`` in ``dtype``.
+
+        Weights are created directly on ``device``: initialising 2.6 B SDXL parameters is much
+        faster on a GPU than on a CPU followed by a copy.
+        """
+        torch.manual_seed(seed)
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(self.unet)
+        # Cast only when needed: ModelMixin.to(dtype=...) warns even for a no-op cast.
+        return (unet if dtype == unet.dtype else unet.to(dtype=dtype)).eval()
+
+    def build_scheduler(self) -> SchedulerMixin:
+        """A fresh scheduler (schedulers keep per-generation state, e.g. PLMS's history)."""
+        return self.scheduler.from_config(self.scheduler_config)
+
+
+#: Architectures selectable with ``--arch``.
+ARCHS: dict[str, Arch] = {
+    # PLMS, as in the SD 1.5 pipeline.
+    "sd15": Arch(SD15_UNET, PNDMScheduler, _PNDM_SD15),
+    # DDIM with v-prediction, as in the SD 2.1 (768-v) pipeline.
+    "sd21": Arch(
+        SD21_UNET,
+        DDIMScheduler,
+        {
+            **_BETAS,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "prediction_type": "v_prediction",
+        },
+    ),
+    # Euler with "leading" spacing, as in the SDXL base pipeline.
+    "sdxl": Arch(
+        SDXL_UNET,
+        EulerDiscreteScheduler,
+        {
+            **_BETAS,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "interpolation_type": "linear",
+            "prediction_type": "epsilon",
+            "use_karras_sigmas": False,
+        },
+    ),
+    "tiny": Arch(TINY_UNET, PNDMScheduler, _PNDM_SD15),
+    "tiny-xl": Arch(TINY_XL_UNET, PNDMScheduler, _PNDM_SD15),
+}
