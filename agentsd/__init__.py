@@ -1,9 +1,9 @@
 """AgentSD for diffusers: agent attention on ToMe token merging, training-free.
 
-    import agentsd
-    agentsd.apply_patch(pipe, ratio=0.4)   # the published two-phase recipe
-    image = pipe("a photo of a corgi").images[0]
-    agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
+import agentsd
+agentsd.apply_patch(pipe, ratio=0.4)   # the published two-phase recipe
+image = pipe("a photo of a corgi").images[0]
+agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
 """
 
 from .attention import AgentSDAttnProcessor, TokenMergeProcessor, agent_attention
@@ -27,4 +27,5 @@ __all__ = [
     "patch_summary",
     "plan_merge",
     "recipe",
+    "remove_patch",
 ]

@@ -17,7 +17,8 @@ backend (SDPA, xformers, a user's processor) keeps doing the work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 
+    from .merge import MergePlan
     from .patch import BlockState
 
 AttentionProcessor = Callable[..., torch.Tensor]
@@ -65,13 +67,16 @@ def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
 
-class AgentSDAttnProcessor:
-    """Self-attention (``attn1``) processor: merge tokens, attend through agents or ``inner``, unmerge.
+class TokenMergeProcessor:
+    """Plain ToMe around any processor: merge the queries, run ``inner``, unmerge.
 
-    ``hidden_states`` arrives normalised (``norm1(x)``); the block's plan was made from the raw
-    block input ``x`` by the block hook. Agents and merged tokens both come from the normalised
-    states, as in the reference.
+    Used on ``attn2`` with ``merge_crossattn``, and the base of :class:`AgentSDAttnProcessor`.
+    Without a plan for the current call (block outside ``max_downsample``, ratio 0) it is exactly
+    ``inner``.
     """
+
+    #: Which part of the block this processor serves (see ``BlockState.take_plan``).
+    stage = "attn2"
 
     def __init__(self, block: BlockState, inner: AttentionProcessor) -> None:
         self.block = block
@@ -85,51 +90,55 @@ class AgentSDAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        plan = self.block.plan
-        if plan is None or encoder_hidden_states is not None or attention_mask is not None:
+        plan = self.block.take_plan(self.stage)
+        if plan is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        merged = plan.merge(hidden_states)
-        if plan.agents is None:
-            out = self.inner(attn, merged, None, None, **kwargs)
-        else:
-            out = self._agent_forward(attn, merged, plan.agents.merge(hidden_states))
-        return plan.unmerge(out)
+        return plan.unmerge(self.attend(attn, hidden_states, plan, encoder_hidden_states, attention_mask, **kwargs))
 
-    def _agent_forward(self, attn: Attention, x: torch.Tensor, agent_tokens: torch.Tensor) -> torch.Tensor:
-        q, k, v, a = _heads(attn, attn.to_q(x)), _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x)), _heads(
-            attn, attn.to_q(agent_tokens)
-        )
+    def attend(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        plan: MergePlan,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Attention output for the merged tokens of ``hidden_states`` (unmerged by the caller)."""
+        return self.inner(attn, plan.merge(hidden_states), encoder_hidden_states, attention_mask, **kwargs)
+
+
+class AgentSDAttnProcessor(TokenMergeProcessor):
+    """Self-attention (``attn1``) processor: merged tokens attend through agents when the plan has them.
+
+    ``hidden_states`` arrives normalised (``norm1(x)``); the block's plan was made from the raw
+    block input ``x`` by the block hook. Merged tokens and agents both come from the normalised
+    states, as in the reference. A plan without agents, or a call with a mask or with
+    ``encoder_hidden_states`` (not plain self-attention), is plain ToMe around ``inner``.
+    """
+
+    stage = "attn1"
+
+    def attend(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        plan: MergePlan,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if plan.agents is None or encoder_hidden_states is not None or attention_mask is not None:
+            return super().attend(attn, hidden_states, plan, encoder_hidden_states, attention_mask, **kwargs)
+        x, agent_tokens = plan.merge(hidden_states), plan.agents.merge(hidden_states)
+        q, k, v, a = (_heads(attn, t) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.to_q(agent_tokens)))
         if attn.norm_q is not None:
             q, a = attn.norm_q(q), attn.norm_q(a)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         config = self.block.config
-        out = agent_attention(
-            q, k, v, a, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32"
-        )
+        out = agent_attention(q, k, v, a, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32")
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
         if attn.residual_connection:
             out = out + x
         return out / attn.rescale_output_factor
-
-
-class TokenMergeProcessor:
-    """Plain ToMe around any processor: merge the queries, run ``inner``, unmerge (``merge_crossattn``)."""
-
-    def __init__(self, block: BlockState, inner: AttentionProcessor) -> None:
-        self.block = block
-        self.inner = inner
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        plan = self.block.plan
-        if plan is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        out = self.inner(attn, plan.merge(hidden_states), encoder_hidden_states, attention_mask, **kwargs)
-        return plan.unmerge(out)

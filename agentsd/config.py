@@ -11,9 +11,11 @@ the noise schedule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from numbers import Real
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 #: Reference defaults of a single phase (the knobs of the upstream code).
 FIXED_DEFAULTS = {"agent_ratio": 0.8, "sx": 2, "sy": 2}
@@ -22,7 +24,7 @@ FIXED_DEFAULTS = {"agent_ratio": 0.8, "sx": 2, "sy": 2}
 #: 50 PLMS steps (t = 981, 961, ..., 1) that is t = 981 ... 601: steps 0-19, as published.
 RECIPE_SWITCH = 0.6
 
-ScheduleSpec = Union[Literal["recipe", "fixed"], Sequence["Phase"]]
+ScheduleSpec = Literal["recipe", "fixed"] | Sequence["Phase"]
 
 
 def _check_fraction(name: str, value: object) -> None:
@@ -172,7 +174,7 @@ class AgentSDConfig:
         if not all(isinstance(phase, Phase) for phase in phases):
             raise TypeError(f"schedule must contain only agentsd.Phase objects, got {self.schedule!r}")
         starts = [phase.min_t for phase in phases]
-        if any(a <= b for a, b in zip(starts, starts[1:])) or starts[-1] != 0:
+        if any(a <= b for a, b in pairwise(starts)) or starts[-1] != 0:
             raise ValueError(
                 f"schedule phases must run from noisiest to cleanest: min_t strictly decreasing and the last 0, "
                 f"got min_t = {starts}"

@@ -118,7 +118,9 @@ def destination_positions(
     return (rows * w + cols).flatten()
 
 
-def best_destinations(src: torch.Tensor, dst: torch.Tensor, block: int = SCORE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def best_destinations(
+    src: torch.Tensor, dst: torch.Tensor, block: int = SCORE_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source row, the best cosine-similarity score over destinations and its index.
 
     ``src`` [B, S, C] and ``dst`` [B, D, C] must already be L2-normalised. Rows are scored in
@@ -189,7 +191,7 @@ def plan_merge(
     Returns:
         The plan, or ``None`` when nothing would be merged (``r <= 0`` or no sources).
     """
-    batch, num_tokens, _ = metric.shape
+    num_tokens = metric.shape[1]
     if num_tokens != h * w:
         raise ValueError(f"metric has {num_tokens} tokens, which is not a {h}x{w} grid")
     if r <= 0:

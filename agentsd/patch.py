@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -29,6 +29,9 @@ from .config import AgentSDConfig, Phase
 from .merge import MergePlan, plan_merge
 
 logger = logging.getLogger("agentsd")
+
+#: The parts of a transformer block that can run on merged tokens, in the order they run.
+Stage = Literal["attn1", "attn2", "ff"]
 
 HOOK_NAME = "agentsd"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
@@ -60,12 +63,24 @@ class BlockState:
 
     unet: UNetState
     downsample: int
+    last_stage: Stage = "attn1"
     plan: MergePlan | None = None
     tokens_seen: int | None = None
 
     @property
     def config(self) -> AgentSDConfig:
         return self.unet.config
+
+    def take_plan(self, stage: Stage) -> MergePlan | None:
+        """The plan of the current call for ``stage``; the block's last merging stage also drops it.
+
+        Releasing the plan as soon as its last user has it keeps its index tensors out of the
+        block's later memory peaks (the feed-forward's activations are the largest at the top level).
+        """
+        plan = self.plan
+        if stage == self.last_stage:
+            self.plan = None
+        return plan
 
     def make_plan(self, x: torch.Tensor) -> MergePlan | None:
         """The merge plan for block input ``x`` [B, N, C] under the current phase."""
@@ -145,19 +160,19 @@ class FeedForwardHook(ModelHook):
     def __init__(self, state: BlockState) -> None:
         super().__init__()
         self.state = state
+        self.pending: MergePlan | None = None
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         x = _call_argument(args, kwargs, 0, "hidden_states")
-        plan = self.state.plan
+        plan = self.state.take_plan("ff")
         if plan is None or x.shape[1] != plan.num_tokens:
             return args, kwargs
+        self.pending = plan
         return (plan.merge(x), *args[1:]), kwargs
 
     def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
-        plan = self.state.plan
-        if plan is None or output.shape[1] != plan.tokens.num_merged:
-            return output
-        return plan.unmerge(output)
+        plan, self.pending = self.pending, None
+        return output if plan is None else plan.unmerge(output)
 
 
 @dataclass(frozen=True)
@@ -198,8 +213,7 @@ def _find_unet(model: Any) -> torch.nn.Module:
         hasattr(unet, name) for name in ("down_blocks", "up_blocks", "conv_in")
     ):
         raise TypeError(
-            "model must be a diffusers pipeline with a `.unet` or a UNet2DConditionModel, "
-            f"got {type(model).__name__}"
+            f"model must be a diffusers pipeline with a `.unet` or a UNet2DConditionModel, got {type(model).__name__}"
         )
     return unet
 
@@ -221,6 +235,16 @@ def _transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransform
             if isinstance(module, BasicTransformerBlock):
                 found.append((f"{prefix}.{name}", module, downsample))
     return found
+
+
+def _merging_stages(config: AgentSDConfig, block: BasicTransformerBlock) -> list[Stage]:
+    """The parts of ``block`` that run on merged tokens under ``config``, in the order they run."""
+    wanted = {
+        "attn1": config.merge_attn,
+        "attn2": config.merge_crossattn and block.attn2 is not None,
+        "ff": config.merge_mlp,
+    }
+    return [stage for stage, on in wanted.items() if on]
 
 
 def _get_hook(unet: torch.nn.Module) -> UNetHook | None:
@@ -271,17 +295,20 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     for name, block, downsample in blocks:
         if downsample > max_downsample:
             continue
-        block_state = BlockState(unet=state, downsample=downsample)
+        stages = _merging_stages(config, block)
+        if not stages:
+            continue
+        block_state = BlockState(unet=state, downsample=downsample, last_stage=stages[-1])
         unet_hook.blocks[name] = block_state
         _add_hook(block, BlockHook(block_state), unet_hook)
-        if config.merge_attn:
-            unet_hook.original_processors[block.attn1] = block.attn1.processor
-            block.attn1.set_processor(AgentSDAttnProcessor(block_state, block.attn1.processor))
-        if config.merge_crossattn and block.attn2 is not None:
-            unet_hook.original_processors[block.attn2] = block.attn2.processor
-            block.attn2.set_processor(TokenMergeProcessor(block_state, block.attn2.processor))
-        if config.merge_mlp:
-            _add_hook(block.ff, FeedForwardHook(block_state), unet_hook)
+        for stage in stages:
+            if stage == "ff":
+                _add_hook(block.ff, FeedForwardHook(block_state), unet_hook)
+                continue
+            attn = getattr(block, stage)
+            processor_class = AgentSDAttnProcessor if stage == "attn1" else TokenMergeProcessor
+            unet_hook.original_processors[attn] = attn.processor
+            attn.set_processor(processor_class(block_state, attn.processor))
     logger.info("%s", patch_summary(unet))
     return model
 

@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from reference import agent_attention_reference
 
-from agentsd import AgentSDConfig, agent_attention, plan_merge
+from agentsd import AgentSDConfig, agent_attention
 from agentsd.attention import AgentSDAttnProcessor, TokenMergeProcessor
 from agentsd.patch import BlockState, UNetState
 
@@ -54,14 +54,20 @@ def test_processor_with_agents_equals_plain_implementation():
     normed = torch.nn.functional.layer_norm(x, (32,))
     block = _block_state(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
     assert block.plan.agents is not None
+    plan = block.plan
     with torch.no_grad():
         ours = AgentSDAttnProcessor(block, AttnProcessor2_0())(attn, normed)
-        feats, agents = block.plan.merge(normed), block.plan.agents.merge(normed)
+        feats, agents = plan.merge(normed), plan.agents.merge(normed)
         heads = lambda t: t.unflatten(-1, (4, 8)).transpose(1, 2)  # noqa: E731
         out = agent_attention_reference(
-            heads(attn.to_q(feats)), heads(attn.to_k(feats)), heads(attn.to_v(feats)), heads(attn.to_q(agents)), 0.3, 0.075
+            heads(attn.to_q(feats)),
+            heads(attn.to_k(feats)),
+            heads(attn.to_v(feats)),
+            heads(attn.to_q(agents)),
+            0.3,
+            0.075,
         )
-        expected = block.plan.unmerge(attn.to_out[0](out.transpose(1, 2).flatten(2)))
+        expected = plan.unmerge(attn.to_out[0](out.transpose(1, 2).flatten(2)))
     assert ours.shape == x.shape
     assert torch.allclose(ours, expected, atol=1e-5)
 
@@ -70,12 +76,14 @@ def test_processor_without_agents_runs_inner_on_merged_tokens():
     attn = _attention()
     x = torch.randn(2, 64, 32)
     block = _block_state(x, 8, 8, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
-    assert block.plan.agents is None
+    plan = block.plan
+    assert plan.agents is None
     with torch.no_grad():
-        ours = AgentSDAttnProcessor(block, AttnProcessor2_0())(attn, x)
-        expected = block.plan.unmerge(AttnProcessor2_0()(attn, block.plan.merge(x)))
-        assert torch.equal(ours, expected)
+        expected = plan.unmerge(AttnProcessor2_0()(attn, plan.merge(x)))
         assert torch.equal(TokenMergeProcessor(block, AttnProcessor2_0())(attn, x), expected)
+        assert block.plan is plan  # attn2 is not the block's last merging stage here: the plan stays
+        assert torch.equal(AgentSDAttnProcessor(block, AttnProcessor2_0())(attn, x), expected)
+        assert block.plan is None  # attn1 is: the plan is released as soon as it is used
 
 
 def test_processors_without_a_plan_are_the_inner_processor():
