@@ -53,12 +53,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import fid_metrics as fm  # noqa: E402
 
@@ -66,14 +66,22 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 METHODS = ("sd", "tomesd", "agentsd")
 LABELS = {"sd": "SD", "tomesd": "ToMeSD", "agentsd": "AgentSD"}
 SCHEDULERS = {
-    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Published (SD v1.5, 2,000 images, RTX 4090): (FID, s/img, GB/img), keyed by (method, ratio).
-PAPER = {("sd", 0.0): (28.84, 2.62, 3.13), ("tomesd", 0.4): (28.74, 1.71, 1.69),
-         ("agentsd", 0.4): (28.15, 1.54, 1.55), ("agentsd", 0.5): (28.42, 1.42, 1.21)}
+PAPER = {
+    ("sd", 0.0): (28.84, 2.62, 3.13),
+    ("tomesd", 0.4): (28.74, 1.71, 1.69),
+    ("agentsd", 0.4): (28.15, 1.54, 1.55),
+    ("agentsd", 0.5): (28.42, 1.42, 1.21),
+}
 
 
 @dataclass(frozen=True)
@@ -98,10 +106,19 @@ class Run:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fid.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fid.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     a = p.add_argument
-    a("--ratio", "--ratios", dest="ratios", type=float, nargs="+", default=[0.4], help="token-merging ratio(s), in [0, 1)")
+    a(
+        "--ratio",
+        "--ratios",
+        dest="ratios",
+        type=float,
+        nargs="+",
+        default=[0.4],
+        help="token-merging ratio(s), in [0, 1)",
+    )
     a("--methods", nargs="+", default=list(METHODS), help=f"any of {', '.join(METHODS)} (space or comma separated)")
     a("--model", default=DEFAULT_MODEL, help="hub id or local folder of a diffusers pipeline")
     a("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
@@ -109,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     a("--size", default="512", help="N (square) or WIDTHxHEIGHT, in pixels")
     a("--images-per-class", type=int, default=2, help="images of each class")
-    a("--num-images", type=int, default=None, help="total image count (overrides --images-per-class); image i has class i %% C")
+    a(
+        "--num-images",
+        type=int,
+        default=None,
+        help="total image count (overrides --images-per-class); image i has class i %% C",
+    )
     a("--classes", default=None, help="class-name file, one a line (default: ImageNet-1k, shipped with agentsd)")
     a("--prompt", default="A high quality photograph of a {}.", help="prompt template; {} is the class name")
     a("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
@@ -117,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cuda, cuda:1, cpu, mps (default: accelerate's device for this process)")
     a("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float16, bfloat16, float32")
     a("--out", default="fid-results", help="output folder")
-    a("--reference", default=None, help="folder of real images (centre-cropped and resized to --size), or a .npz with mu and sigma (pytorch-fid)")
+    a(
+        "--reference",
+        default=None,
+        help="folder of real images (centre-cropped and resized to --size), or a .npz with mu and sigma (pytorch-fid)",
+    )
     a("--inception-weights", default=None, help=f"local {fm.INCEPTION_FILE} instead of downloading it")
     a("--fid-batch-size", type=int, default=50, help="images per feature-extractor call")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading workers for FID")
@@ -151,7 +177,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
     args.width, args.height = w, h
     if "{}" not in args.prompt:
         p.error("--prompt: the template needs a {} where the class name goes")
-    classes = Path(args.classes) if args.classes else ROOT / "agentsd" / "data" / "imagenet1k_classes.txt"
+    classes = Path(args.classes) if args.classes else Path(str(files("agentsd") / "data" / "imagenet1k_classes.txt"))
     if not classes.is_file():
         p.error(f"--classes: no such file {classes}")
     args.class_names = [c.strip() for c in classes.read_text().splitlines() if c.strip()]
@@ -174,14 +200,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
     if "tomesd" in args.methods:
         if importlib.util.find_spec("tomesd") is None:
             p.error('--methods: tomesd needs the tomesd package: pip install "agentsd[eval]"')
-    if "agentsd" in args.methods:
-        try:
-            import agentsd
-        except ImportError:
-            sys.path.insert(0, str(ROOT))
-            import agentsd
-        if not callable(getattr(agentsd, "apply_patch", None)):
-            p.error("--methods: agentsd is listed but this agentsd has no apply_patch")
+    if "agentsd" in args.methods and importlib.util.find_spec("agentsd") is None:
+        p.error('--methods: agentsd is not installed: pip install -e ".[eval]" from the repository root')
 
     out = Path(args.out)
     try:
@@ -219,16 +239,29 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
             old, new = json.loads(settings_file.read_text()), run_settings(args, run)
             diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
             if diff:
-                p.error(f"--out: {settings_file.parent} holds images made with other settings ({'; '.join(diff)}); "
-                        "choose another --out or delete that folder")
+                p.error(
+                    f"--out: {settings_file.parent} holds images made with other settings ({'; '.join(diff)}); "
+                    "choose another --out or delete that folder"
+                )
 
 
 def run_settings(args, run: Run) -> dict:
     """Everything that decides the pixels of image i (not the image count, batch size or device)."""
     classes = hashlib.sha1("\n".join(args.class_names).encode()).hexdigest()[:12]
-    return {"method": run.method, "ratio": run.ratio, "model": args.model, "scheduler": args.scheduler,
-            "steps": args.steps, "guidance": args.guidance, "width": args.width, "height": args.height,
-            "dtype": args.dtype, "seed": args.seed, "prompt": args.prompt, "classes": classes}
+    return {
+        "method": run.method,
+        "ratio": run.ratio,
+        "model": args.model,
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "width": args.width,
+        "height": args.height,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "prompt": args.prompt,
+        "classes": classes,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +273,13 @@ def load_pipeline(args):
 
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            args.model, torch_dtype=DTYPES[args.dtype], safety_checker=None, requires_safety_checker=False)
+            args.model, torch_dtype=DTYPES[args.dtype], safety_checker=None, requires_safety_checker=False
+        )
     except Exception as exc:
-        sys.exit(f"fid.py: error: --model: cannot load {args.model!r} ({type(exc).__name__}: {exc}). "
-                 "Pass a local folder, or log in / go online for a hub id.")
+        sys.exit(
+            f"fid.py: error: --model: cannot load {args.model!r} ({type(exc).__name__}: {exc}). "
+            "Pass a local folder, or log in / go online for a hub id."
+        )
     pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
@@ -298,10 +334,19 @@ def generate(pipe, run: Run, args, state) -> None:
             peak[0] = torch.cuda.max_memory_allocated(args.device)
         return {}
 
-    extra = {"callback_on_step_end": on_step_end} if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters else {}
+    extra = (
+        {"callback_on_step_end": on_step_end}
+        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+        else {}
+    )
     records = []
-    bar = tqdm(total=sum(map(len, todo)), desc=f"{run.name} [{state.process_index}]", unit="img",
-               disable=not todo, position=state.process_index)
+    bar = tqdm(
+        total=sum(map(len, todo)),
+        desc=f"{run.name} [{state.process_index}]",
+        unit="img",
+        disable=not todo,
+        position=state.process_index,
+    )
     try:
         for idx in todo:
             with torch.random.fork_rng(devices=[args.device] if cuda else []):
@@ -314,8 +359,15 @@ def generate(pipe, run: Run, args, state) -> None:
                     torch.cuda.reset_peak_memory_stats(args.device)
                     base = peak[0] = torch.cuda.memory_allocated(args.device)
                 t0 = time.perf_counter()
-                images = pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                              height=args.height, width=args.width, generator=gens, **extra).images
+                images = pipe(
+                    prompt=prompts,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    height=args.height,
+                    width=args.width,
+                    generator=gens,
+                    **extra,
+                ).images
                 sync()
                 seconds = time.perf_counter() - t0
             if cuda and not extra:
@@ -334,10 +386,15 @@ def generate(pipe, run: Run, args, state) -> None:
         if timed:
             full = [m for idx, _, m in timed if m is not None and len(idx) == b]  # a short last batch overstates
             mem = full or [m for _, _, m in timed if m is not None]
-            record = {"images": sum(len(i) for i, _, _ in timed), "seconds": sum(s for _, s, _ in timed),
-                      "peak_bytes_per_image": max(mem) if mem else None, "batch_size": b,
-                      "device": torch.cuda.get_device_name(args.device) if cuda else str(args.device),
-                      "process": state.process_index, "generated": [i for idx, _, _ in records for i in idx]}
+            record = {
+                "images": sum(len(i) for i, _, _ in timed),
+                "seconds": sum(s for _, s, _ in timed),
+                "peak_bytes_per_image": max(mem) if mem else None,
+                "batch_size": b,
+                "device": torch.cuda.get_device_name(args.device) if cuda else str(args.device),
+                "process": state.process_index,
+                "generated": [i for idx, _, _ in records for i in idx],
+            }
             name = f"timing-{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{os.getpid()}.json"
             (folder / f".{name}.tmp").write_text(json.dumps(record))
             os.replace(folder / f".{name}.tmp", folder / name)
@@ -348,9 +405,12 @@ def timing(folder: Path) -> dict:
     recs = [json.loads(f.read_text()) for f in sorted(folder.glob("timing-*.json"))]
     images = sum(r["images"] for r in recs)
     mem = [r["peak_bytes_per_image"] for r in recs if r.get("peak_bytes_per_image") is not None]
-    return {"sec_per_image": sum(r["seconds"] for r in recs) / images if images else None,
-            "gb_per_image": max(mem) / 2**30 if mem else None, "timed_images": images,
-            "devices": sorted({r["device"] for r in recs})}
+    return {
+        "sec_per_image": sum(r["seconds"] for r in recs) / images if images else None,
+        "gb_per_image": max(mem) / 2**30 if mem else None,
+        "timed_images": images,
+        "devices": sorted({r["device"] for r in recs}),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +424,11 @@ def evaluate(args, extractor) -> list[dict]:
     if sd not in paths:  # SD images of an earlier run with the same settings still serve as the baseline
         folder = args.out / "images" / "sd"
         candidate = [image_path(folder, i) for i in range(args.total)]
-        if (folder / "settings.json").is_file() and all(p.exists() for p in candidate) \
-                and json.loads((folder / "settings.json").read_text()) == run_settings(args, sd):
+        if (
+            (folder / "settings.json").is_file()
+            and all(p.exists() for p in candidate)
+            and json.loads((folder / "settings.json").read_text()) == run_settings(args, sd)
+        ):
             paths[sd] = candidate
     ref, stats = None, {}
     if extractor is not None:
@@ -377,22 +440,38 @@ def evaluate(args, extractor) -> list[dict]:
                 ref = fm.Stats.load(path)
             else:
                 key = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-                ref = fm.image_stats(metric, fm.list_images(path), size=(args.width, args.height),
-                                     cache=cache / f"reference-{key}.npz", desc="reference features", **opts)
-        stats = {run: fm.image_stats(metric, ps, cache=cache / f"{run.name}.npz", desc=f"{run.name} features", **opts)
-                 for run, ps in paths.items()}
+                ref = fm.image_stats(
+                    metric,
+                    fm.list_images(path),
+                    size=(args.width, args.height),
+                    cache=cache / f"reference-{key}.npz",
+                    desc="reference features",
+                    **opts,
+                )
+        stats = {
+            run: fm.image_stats(metric, ps, cache=cache / f"{run.name}.npz", desc=f"{run.name} features", **opts)
+            for run, ps in paths.items()
+        }
     base = timing(args.out / "images" / "sd")["sec_per_image"] if sd in paths else None
     rows = []
     for run in args.runs:
         t = timing(args.out / "images" / run.name)
         paper = PAPER.get((run.method, round(run.ratio, 4)), (None, None, None))
-        rows.append({
-            "method": run.method, "ratio": run.ratio, "label": run.label, "images": len(paths[run]),
-            "fid": fm.frechet_distance(stats[run], ref) if ref is not None else None,
-            "fid_vs_sd": fm.frechet_distance(stats[run], stats[sd]) if sd in stats and run != sd else None,
-            **t, "speedup_vs_sd": base / t["sec_per_image"] if base and t["sec_per_image"] else None,
-            "paper_fid": paper[0], "paper_sec_per_image": paper[1], "paper_gb_per_image": paper[2],
-        })
+        rows.append(
+            {
+                "method": run.method,
+                "ratio": run.ratio,
+                "label": run.label,
+                "images": len(paths[run]),
+                "fid": fm.frechet_distance(stats[run], ref) if ref is not None else None,
+                "fid_vs_sd": fm.frechet_distance(stats[run], stats[sd]) if sd in stats and run != sd else None,
+                **t,
+                "speedup_vs_sd": base / t["sec_per_image"] if base and t["sec_per_image"] else None,
+                "paper_fid": paper[0],
+                "paper_sec_per_image": paper[1],
+                "paper_gb_per_image": paper[2],
+            }
+        )
     return rows
 
 
@@ -402,27 +481,55 @@ def fmt(v, digits=2) -> str:
 
 def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
     out = args.out
-    meta = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance,
-            "width": args.width, "height": args.height, "dtype": args.dtype, "seed": args.seed, "images": args.total,
-            "prompt": args.prompt, "batch_size": args.batch_size, "reference": args.reference,
-            "feature_extractor": extractor_name,
-            "time": "s/img: synchronized wall time of the pipeline calls / images, warm-up batch excluded, per device",
-            "memory": "GB/img: (peak allocated during denoising - allocated before the call) / batch size; CUDA only"}
+    meta = {
+        "model": args.model,
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "width": args.width,
+        "height": args.height,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "images": args.total,
+        "prompt": args.prompt,
+        "batch_size": args.batch_size,
+        "reference": args.reference,
+        "feature_extractor": extractor_name,
+        "time": "s/img: synchronized wall time of the pipeline calls / images, warm-up batch excluded, per device",
+        "memory": "GB/img: (peak allocated during denoising - allocated before the call) / batch size; CUDA only",
+    }
     (out / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
-    cols = ["method", "ratio", "images", "fid", "fid_vs_sd", "sec_per_image", "speedup_vs_sd", "gb_per_image",
-            "paper_fid", "paper_sec_per_image", "paper_gb_per_image"]
+    cols = [
+        "method",
+        "ratio",
+        "images",
+        "fid",
+        "fid_vs_sd",
+        "sec_per_image",
+        "speedup_vs_sd",
+        "gb_per_image",
+        "paper_fid",
+        "paper_sec_per_image",
+        "paper_gb_per_image",
+    ]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"FID on {args.total} images ({args.width}x{args.height}, {args.steps} {args.scheduler} steps, "
-             f"guidance {args.guidance}, {args.dtype}, model {args.model}); paper: SD v1.5, 2,000 images, RTX 4090.", "",
-             "| Method | r | FID | FID vs SD | s/img | speed-up | GB/img | paper FID | paper s/img | paper GB/img |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"FID on {args.total} images ({args.width}x{args.height}, {args.steps} {args.scheduler} steps, "
+        f"guidance {args.guidance}, {args.dtype}, model {args.model}); paper: SD v1.5, 2,000 images, RTX 4090.",
+        "",
+        "| Method | r | FID | FID vs SD | s/img | speed-up | GB/img | paper FID | paper s/img | paper GB/img |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {LABELS[r['method']]} | {r['ratio']:g} | {fmt(r['fid'])} | {fmt(r['fid_vs_sd'])} | "
-                     f"{fmt(r['sec_per_image'], 3)} | {fmt(r['speedup_vs_sd']) + ('x' if r['speedup_vs_sd'] else '')} | {fmt(r['gb_per_image'])} | "
-                     f"{fmt(r['paper_fid'])} | {fmt(r['paper_sec_per_image'])} | {fmt(r['paper_gb_per_image'])} |")
+        lines.append(
+            f"| {LABELS[r['method']]} | {r['ratio']:g} | {fmt(r['fid'])} | {fmt(r['fid_vs_sd'])} | "
+            f"{fmt(r['sec_per_image'], 3)} | {fmt(r['speedup_vs_sd']) + ('x' if r['speedup_vs_sd'] else '')} | "
+            f"{fmt(r['gb_per_image'])} | "
+            f"{fmt(r['paper_fid'])} | {fmt(r['paper_sec_per_image'])} | {fmt(r['paper_gb_per_image'])} |"
+        )
     lines += ["", meta["time"] + ".", meta["memory"] + "."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out / "fid_vs_time.png", rows, use_ref=args.reference is not None)
@@ -477,9 +584,12 @@ def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | 
             parser.error(str(exc))
     if state.is_main_process:
         runs = ", ".join(r.label for r in args.runs)
-        print(f"fid.py: {runs} | {args.model} | {args.total} images, {args.steps} {args.scheduler} steps, "
-              f"guidance {args.guidance}, {args.width}x{args.height}, {args.dtype} on {args.device} x "
-              f"{state.num_processes} process(es) | results -> {args.out.resolve()}", flush=True)
+        print(
+            f"fid.py: {runs} | {args.model} | {args.total} images, {args.steps} {args.scheduler} steps, "
+            f"guidance {args.guidance}, {args.width}x{args.height}, {args.dtype} on {args.device} x "
+            f"{state.num_processes} process(es) | results -> {args.out.resolve()}",
+            flush=True,
+        )
         for run in args.runs:
             folder = args.out / "images" / run.name
             folder.mkdir(parents=True, exist_ok=True)

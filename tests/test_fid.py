@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 from accelerate import PartialState
 from PIL import Image
-
-import tiny
 from test_fid_math import TinyExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +22,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 import fid  # noqa: E402
 import fid_metrics as fm  # noqa: E402
 
-try:
-    import agentsd
-
-    HAVE_AGENTSD = callable(getattr(agentsd, "apply_patch", None))
-except ImportError:
-    HAVE_AGENTSD = False
-METHODS = "sd,tomesd,agentsd" if HAVE_AGENTSD else "sd,tomesd"
+METHODS = "sd,tomesd,agentsd"
 N_IMAGES, BATCH = 5, 2
 
 
@@ -48,8 +41,27 @@ def reference(tmp_path_factory):
 
 
 def argv(model, out, *extra):
-    return ["--model", model, "--out", str(out), "--num-images", str(N_IMAGES), "--batch-size", str(BATCH),
-            "--steps", "2", "--size", "32", "--methods", METHODS, "--ratio", "0.4", "--workers", "0", *extra]
+    return [
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--num-images",
+        str(N_IMAGES),
+        "--batch-size",
+        str(BATCH),
+        "--steps",
+        "2",
+        "--size",
+        "32",
+        "--methods",
+        METHODS,
+        "--ratio",
+        "0.4",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +84,12 @@ def state_of(out):
 
 def test_end_to_end_writes_images_tables_and_plot(first_run):
     out, rows, _ = first_run
-    for name in ["sd", "tomesd-r0.40"] + (["agentsd-r0.40"] if HAVE_AGENTSD else []):
+    for name in ["sd", "tomesd-r0.40"] + ["agentsd-r0.40"]:
         images = sorted((out / "images" / name).glob("*.png"))
         assert [p.name for p in images] == [f"{i:05d}.png" for i in range(N_IMAGES)]
         assert pixels(images[0]).shape == (32, 32, 3)
         assert not list((out / "images" / name).glob(".*.tmp"))
-    assert [(r["method"], r["ratio"]) for r in rows] == [("sd", 0.0), ("tomesd", 0.4)] + ([("agentsd", 0.4)] if HAVE_AGENTSD else [])
+    assert [(r["method"], r["ratio"]) for r in rows] == [("sd", 0.0), ("tomesd", 0.4)] + [("agentsd", 0.4)]
     for r in rows:
         assert r["images"] == N_IMAGES
         assert np.isfinite(r["fid"]) and r["fid"] > -1e-6
@@ -166,16 +178,19 @@ def test_real_run_builds_the_inception_network_through_the_same_path(first_run, 
     assert [r["fid_vs_sd"] for r in again] == pytest.approx([r["fid_vs_sd"] for r in rows])
 
 
-@pytest.mark.parametrize("extra, flag", [
-    (["--ratio", "1.0"], "--ratio"),
-    (["--ratio", "0.4", "-0.1"], "--ratio"),
-    (["--methods", "sd,tome"], "--methods"),
-    (["--reference", "/no/such/folder"], "--reference"),
-    (["--inception-weights", "/no/such/file.pth"], "--inception-weights"),
-    (["--dtype", "float16", "--device", "cpu"], "--dtype"),
-    (["--size", "30"], "--size"),
-    (["--scheduler", "nope"], "--scheduler"),
-])
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--ratio", "1.0"], "--ratio"),
+        (["--ratio", "0.4", "-0.1"], "--ratio"),
+        (["--methods", "sd,tome"], "--methods"),
+        (["--reference", "/no/such/folder"], "--reference"),
+        (["--inception-weights", "/no/such/file.pth"], "--inception-weights"),
+        (["--dtype", "float16", "--device", "cpu"], "--dtype"),
+        (["--size", "30"], "--size"),
+        (["--scheduler", "nope"], "--scheduler"),
+    ],
+)
 def test_bad_input_fails_before_anything_runs(model, tmp_path, monkeypatch, capsys, extra, flag):
     monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model despite bad input"))
     with pytest.raises(SystemExit) as exit_:
@@ -193,12 +208,23 @@ def test_prompts_follow_the_protocol(model, tmp_path):
     assert fid.prompt_for(args, 0) == "A high quality photograph of a tench."
     assert fid.prompt_for(args, 1001) == "A high quality photograph of a goldfish."
     assert (args.steps, args.guidance, args.width, args.height, args.scheduler, args.model) == (
-        50, 7.5, 512, 512, "pndm", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+        50,
+        7.5,
+        512,
+        512,
+        "pndm",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    )
 
 
 def test_the_script_runs_as_a_command_and_names_the_bad_flag(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "eval" / "fid.py"), "--ratio", "1.5", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "eval" / "fid.py"), "--ratio", "1.5", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "--ratio: 1.5 is outside [0, 1)" in done.stderr
 
 
@@ -242,12 +268,27 @@ def test_accelerate_launch_two_cpu_processes_shard_the_images(first_run, model, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # accelerate's --cpu alone starts one process unless mpirun is there; --multi_gpu is torchrun, and
     # with --device cpu the two processes meet over gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(wrapper), *argv(model, out, "--reference", reference, "--device", "cpu")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(wrapper),
+        *argv(model, out, "--reference", reference, "--device", "cpu"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ["sd", "tomesd-r0.40"] + (["agentsd-r0.40"] if HAVE_AGENTSD else []):
+    for name in ["sd", "tomesd-r0.40"] + ["agentsd-r0.40"]:
         folder = out / "images" / name
         records = [json.loads(p.read_text()) for p in folder.glob("timing-*.json")]
         made = sorted(i for r in records for i in r["generated"])
