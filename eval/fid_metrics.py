@@ -112,7 +112,7 @@ class Stats:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, key: str | None = None) -> "Stats | None":
+    def load(cls, path: Path, key: str | None = None) -> Stats | None:
         """Stats from a ``.npz`` with ``mu`` and ``sigma``; None when ``key`` is given and differs."""
         with np.load(path, allow_pickle=False) as data:
             if "mu" not in data or "sigma" not in data:
@@ -151,7 +151,9 @@ def frechet_distance(a: Stats, b: Stats) -> float:
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted; hidden and temporary files never count."""
     return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
 
 

@@ -18,12 +18,11 @@ from typing import Any, TypeVar
 
 import diffusers
 import torch
+from comparison import METHODS, check_methods
 from huggingface_hub.errors import GatedRepoError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
 from PIL import Image
-
-from comparison import METHODS, check_methods
 
 #: Default --ratio: the ratio of the recipe as agentsd documents it, apply_patch(pipe, ratio=0.4).
 DEFAULT_RATIO = 0.4

@@ -13,10 +13,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusers import AutoPipelineForText2Image
-
 from common import example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import Run, compare, timing_table
+from diffusers import AutoPipelineForText2Image
 from images import contact_sheet, save_png
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

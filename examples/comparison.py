@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from images import Tile, contact_sheet, save_png
 from PIL import Image
 
 import agentsd
-from images import Tile, contact_sheet, save_png
 
 #: What the examples compare; "SD" is the pipeline as loaded.
 METHODS = ("SD", "ToMeSD", "AgentSD")

@@ -12,10 +12,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusers import StableDiffusionImg2ImgPipeline
-
 from common import add_image_arg, example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
+from diffusers import StableDiffusionImg2ImgPipeline
 from images import input_image
 
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

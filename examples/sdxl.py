@@ -12,10 +12,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusers import StableDiffusionXLPipeline
-
 from common import example_parser, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
+from diffusers import StableDiffusionXLPipeline
 
 MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 PROMPT = "a photo of an astronaut riding a horse on the moon, high detail"

@@ -18,7 +18,6 @@ import pytest
 import torch
 from nbclient import NotebookClient
 from PIL import Image
-
 from tiny import save_tiny_pipeline, tiny_pipeline, tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,11 +26,12 @@ for folder in (REPO, EXAMPLES):  # agentsd itself, and the examples' shared modu
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-import agentsd  # noqa: E402
 from canny import canny  # noqa: E402
 from common import ExampleError, Target, run_cli  # noqa: E402
 from comparison import METHODS, compare, generate, patched, top_attention_downsample  # noqa: E402
 from images import contact_sheet, save_png  # noqa: E402
+
+import agentsd  # noqa: E402
 
 TILE = 32  # the tiny pipelines' image size
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--seed", "0"]

@@ -95,7 +95,9 @@ def test_npz_reference_as_pytorch_fid_writes_it(tmp_path):
     metric = fm.make_metric(Identity(8))
     metric.update(a, real=True)
     metric.update(b, real=False)
-    assert fm.frechet_distance(fm.metric_stats(metric, real=False), ref) == pytest.approx(float(metric.compute()), rel=1e-8)
+    assert fm.frechet_distance(fm.metric_stats(metric, real=False), ref) == pytest.approx(
+        float(metric.compute()), rel=1e-8
+    )
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(fm.FidSetupError, match="mu"):
         fm.Stats.load(tmp_path / "bad.npz")
@@ -131,6 +133,6 @@ def test_reference_images_are_centre_cropped_and_resized(tmp_path):
 
 def test_without_torch_fidelity_the_message_says_what_to_install(monkeypatch):
     monkeypatch.setattr(fm, "torch_fidelity_available", lambda: False)
-    with pytest.raises(fm.FidSetupError, match=r'agentsd\[fid\]') as err:
+    with pytest.raises(fm.FidSetupError, match=r"agentsd\[fid\]") as err:
         fm.build_inception(None)
     assert "--inception-weights" in str(err.value)

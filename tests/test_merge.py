@@ -11,7 +11,9 @@ def _metric(b=2, h=8, w=8, c=16, seed=0):
     return torch.randn(b, h * w, c, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("h,w,sx,sy,ratio", [(8, 8, 2, 2, 0.5), (8, 8, 4, 4, 0.4), (7, 11, 2, 2, 0.3), (9, 6, 3, 2, 0.6)])
+@pytest.mark.parametrize(
+    "h,w,sx,sy,ratio", [(8, 8, 2, 2, 0.5), (8, 8, 4, 4, 0.4), (7, 11, 2, 2, 0.3), (9, 6, 3, 2, 0.6)]
+)
 def test_merge_and_unmerge_match_tomesd(h, w, sx, sy, ratio):
     x = _metric(h=h, w=w)
     r = int(h * w * ratio)
@@ -36,7 +38,9 @@ def test_destinations_one_per_full_cell_and_ragged_edges_are_sources():
     assert len(cells) == len(dst)  # exactly one per cell
     assert rows.max() < (h // sy) * sy and cols.max() < (w // sx) * sx  # never in the ragged edge
     top_left = destination_positions(h, w, sx, sy, None, torch.device("cpu"))
-    assert torch.equal(top_left // w % sy, torch.zeros_like(top_left)) and torch.equal(top_left % w % sx, torch.zeros_like(top_left))
+    assert torch.equal(top_left // w % sy, torch.zeros_like(top_left)) and torch.equal(
+        top_left % w % sx, torch.zeros_like(top_left)
+    )
 
 
 def test_random_destinations_follow_the_generator_only():
