@@ -85,7 +85,7 @@ class BlockState:
     def make_plan(self, x: torch.Tensor) -> MergePlan | None:
         """The merge plan for block input ``x`` [B, N, C] under the current phase."""
         phase, latent_size = self.unet.phase, self.unet.latent_size
-        if phase is None or latent_size is None or phase.ratio == 0:
+        if phase is None or latent_size is None:
             return None
         batch, num_tokens, _ = x.shape
         h, w = (math.ceil(side / self.downsample) for side in latent_size)
