@@ -245,23 +245,16 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
                 )
 
 
+def protocol(args) -> dict:
+    """The generation protocol shared by every method: model, sampler, size, dtype, seed, prompt."""
+    keys = ("model", "scheduler", "steps", "guidance", "width", "height", "dtype", "seed", "prompt")
+    return {key: getattr(args, key) for key in keys}
+
+
 def run_settings(args, run: Run) -> dict:
     """Everything that decides the pixels of image i (not the image count, batch size or device)."""
     classes = hashlib.sha1("\n".join(args.class_names).encode()).hexdigest()[:12]
-    return {
-        "method": run.method,
-        "ratio": run.ratio,
-        "model": args.model,
-        "scheduler": args.scheduler,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "width": args.width,
-        "height": args.height,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "prompt": args.prompt,
-        "classes": classes,
-    }
+    return {"method": run.method, "ratio": run.ratio, **protocol(args), "classes": classes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,16 +475,8 @@ def fmt(v, digits=2) -> str:
 def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
     out = args.out
     meta = {
-        "model": args.model,
-        "scheduler": args.scheduler,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "width": args.width,
-        "height": args.height,
-        "dtype": args.dtype,
-        "seed": args.seed,
+        **protocol(args),
         "images": args.total,
-        "prompt": args.prompt,
         "batch_size": args.batch_size,
         "reference": args.reference,
         "feature_extractor": extractor_name,
