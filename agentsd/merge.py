@@ -137,11 +137,17 @@ def best_destinations(
 
 
 def _cut(
-    ranking: torch.Tensor, best_dst: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, r: int
-) -> tuple[TokenMerge, torch.Tensor]:
+    ranking: torch.Tensor,
+    best_dst: torch.Tensor,
+    src_pos: torch.Tensor,
+    dst_pos: torch.Tensor,
+    r: int,
+    unmerge: bool,
+) -> tuple[TokenMerge, torch.Tensor | None]:
     """The merge that averages the ``r`` top-ranked sources into their best destinations.
 
-    Also returns the unmerge rows: for every input token, the merged-sequence row it went into.
+    With ``unmerge`` also returns the unmerge rows (for every input token, the merged-sequence row
+    it went into); the agents are never unmerged, so their cut skips that work.
     """
     batch, num_src = ranking.shape
     num_dst = dst_pos.shape[0]
@@ -161,6 +167,8 @@ def _cut(
         dst_count=dst_count.unsqueeze(-1),
         num_tokens=num_tokens,
     )
+    if not unmerge:
+        return token_merge, None
     slot = torch.empty(batch, num_tokens, dtype=torch.long, device=ranking.device)
     slot.scatter_(1, keep_idx, torch.arange(num_merged, device=slot.device).expand(batch, -1))
     slot.scatter_(1, src_idx, dst_slot)
@@ -211,7 +219,7 @@ def plan_merge(
         best_score, best_dst = best_destinations(normed.index_select(1, src_pos), normed.index_select(1, dst_pos))
         ranking = best_score.argsort(dim=-1, descending=True)
 
-        tokens, unmerge_rows = _cut(ranking, best_dst, src_pos, dst_pos, r)
+        tokens, unmerge_rows = _cut(ranking, best_dst, src_pos, dst_pos, r, unmerge=True)
         has_agents = (num_tokens - agent_r) * 2 < num_tokens - r
-        agents = _cut(ranking, best_dst, src_pos, dst_pos, agent_r)[0] if has_agents else None
+        agents = _cut(ranking, best_dst, src_pos, dst_pos, agent_r, unmerge=False)[0] if has_agents else None
         return MergePlan(tokens=tokens, agents=agents, unmerge_rows=unmerge_rows)
