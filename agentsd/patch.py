@@ -123,7 +123,7 @@ class UNetHook(ModelHook):
         self.total_blocks = total_blocks
         self.blocks: dict[str, BlockState] = {}
         self.original_processors: dict[Any, AttentionProcessor] = {}
-        self.hooked_modules: list[tuple[torch.nn.Module, bool, bool]] = []
+        self.hooked_modules: list[HookedModule] = []
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
@@ -252,12 +252,63 @@ def _get_hook(unet: torch.nn.Module) -> UNetHook | None:
     return registry.get_hook(HOOK_NAME) if registry is not None else None
 
 
+@dataclass(frozen=True)
+class HookedModule:
+    """A module that carries one of our hooks, and what removing it must undo.
+
+    Attributes:
+        module: The hooked module.
+        created_registry: Whether we created its ``_diffusers_hook`` registry.
+        had_forward: Whether it had an instance ``forward`` before (the registry sets one).
+        forward: The ``forward`` the registry installed for our hook, to recognise a wrapper that
+            another library put on top of it later (see :func:`_remove_hook`).
+    """
+
+    module: torch.nn.Module
+    created_registry: bool
+    had_forward: bool
+    forward: Any
+
+
 def _add_hook(module: torch.nn.Module, hook: ModelHook, owner: UNetHook) -> None:
-    """Register ``hook`` and remember what to undo: whether we created the registry and ``forward``."""
+    """Register ``hook`` on ``module`` and record in ``owner`` what removing it must undo."""
     created_registry = not hasattr(module, "_diffusers_hook")
     had_forward = "forward" in module.__dict__
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
-    owner.hooked_modules.append((module, created_registry, had_forward))
+    owner.hooked_modules.append(HookedModule(module, created_registry, had_forward, module.forward))
+
+
+def _remove_hook(hooked: HookedModule) -> None:
+    """Remove our hook from ``hooked.module`` and whatever we created for it.
+
+    Accelerate's hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) wrap
+    ``forward`` and call the wrapped one through ``module._old_forward``. If such a hook came after
+    ours, the registry's removal would overwrite accelerate's ``forward`` and drop the offloading;
+    instead accelerate's wrapper stays and its ``_old_forward`` is pointed past our hook.
+    """
+    module = hooked.module
+    outer_forward = module.__dict__.get("forward")
+    wrapped_by_accelerate = module.__dict__.get("_old_forward") is hooked.forward
+    registry = module._diffusers_hook
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    if wrapped_by_accelerate:
+        module._old_forward = module.forward
+        module.forward = outer_forward
+    if hooked.created_registry and not registry.hooks:
+        del module._diffusers_hook
+        if not hooked.had_forward and not wrapped_by_accelerate:
+            del module.forward
+
+
+def _refresh_child_registries(unet: torch.nn.Module) -> None:
+    """Tell the UNet's hook registry that hooks of its submodules changed.
+
+    Recent diffusers registries cache the list of their descendants' registries; other hooks on
+    the UNet (a cache hook's context, say) would otherwise keep walking a stale list.
+    """
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
 
 
 def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -> Any:
@@ -309,6 +360,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             processor_class = AgentSDAttnProcessor if stage == "attn1" else TokenMergeProcessor
             unet_hook.original_processors[attn] = attn.processor
             attn.set_processor(processor_class(block_state, attn.processor))
+    _refresh_child_registries(unet)
     logger.info("%s", patch_summary(unet))
     return model
 
@@ -321,13 +373,9 @@ def remove_patch(model: Any) -> Any:
         return model
     for attn, processor in unet_hook.original_processors.items():
         attn.set_processor(processor)
-    for module, created_registry, had_forward in reversed(unet_hook.hooked_modules):
-        registry = module._diffusers_hook
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        if created_registry and not registry.hooks:
-            del module._diffusers_hook
-            if not had_forward:
-                del module.forward
+    for hooked in reversed(unet_hook.hooked_modules):
+        _remove_hook(hooked)
+    _refresh_child_registries(unet)
     return model
 
 

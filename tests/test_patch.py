@@ -93,6 +93,42 @@ def test_apply_twice_equals_once_and_remove_unpatched_is_a_no_op(unet):
     assert not agentsd.is_patched(unet)
 
 
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_remove_keeps_an_accelerate_offload_hook(offload_first):
+    """``enable_model_cpu_offload`` wraps the UNet's ``forward`` with accelerate; patching before or
+    after it, remove_patch must leave that hook working and the model's outputs as before."""
+    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
+
+    unet = tiny_unet("sd1")
+    sample, text = _inputs()
+    before = _run(unet, sample, text)
+    attributes = set(unet.__dict__)
+    if offload_first:
+        cpu_offload_with_hook(unet, execution_device="cpu")
+    agentsd.apply_patch(unet, ratio=0.5)
+    if not offload_first:
+        cpu_offload_with_hook(unet, execution_device="cpu")
+    patched = _run(unet, sample, text)
+    agentsd.remove_patch(unet)
+
+    calls = []
+    offload_hook = unet._hf_hook
+    original_pre_forward = offload_hook.pre_forward
+
+    def counting_pre_forward(module, *args, **kwargs):
+        calls.append(module)
+        return original_pre_forward(module, *args, **kwargs)
+
+    offload_hook.pre_forward = counting_pre_forward
+    assert not torch.equal(patched, before)
+    assert torch.equal(_run(unet, sample, text), before)
+    assert calls == [unet]
+    remove_hook_from_module(unet)
+    assert torch.equal(_run(unet, sample, text), before)
+    assert set(unet.__dict__) - {"forward"} == attributes
+
+
 def test_user_processors_are_kept(unet):
     sample, text = _inputs()
     mine = AttnProcessor()
