@@ -48,9 +48,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import tomesd
 import torch
 from packaging.version import Version
 from tqdm import tqdm
+
+import agentsd
 
 # A sibling script module: eval/ is sys.path[0] when this file runs as a script.
 from unet_configs import ARCHS, Arch  # isort: skip
@@ -233,13 +236,9 @@ def patched(variant: Variant, target: torch.nn.Module | Any, max_downsample: int
         yield
         return
     if variant.method == "tomesd":
-        import tomesd
-
         tomesd.apply_patch(target, ratio=variant.ratio, max_downsample=max_downsample)
         remove = tomesd.remove_patch
     else:
-        import agentsd
-
         agentsd.apply_patch(target, ratio=variant.ratio, **AGENTSD_KWARGS[variant.method])
         remove = agentsd.remove_patch
     try:
