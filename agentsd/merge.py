@@ -59,6 +59,14 @@ class TokenMerge:
         """M, the length of the merged sequence."""
         return self.keep_rows.shape[0] // self.dst_count.shape[0]
 
+    def unmerge_rows(self) -> torch.Tensor:
+        """[B * N]: for every input row, the merged-sequence row it went into (kept tokens their own
+        slot, merged-away sources their destination's)."""
+        rows = torch.empty(self.dst_count.shape[0] * self.num_tokens, dtype=torch.long, device=self.keep_rows.device)
+        rows[self.keep_rows] = torch.arange(self.keep_rows.shape[0], device=rows.device)
+        rows[self.src_rows] = self.dst_rows
+        return rows
+
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, M, C]: destinations become the mean of themselves and their sources."""
         batch, _, channels = x.shape
@@ -137,42 +145,25 @@ def best_destinations(
 
 
 def _cut(
-    ranking: torch.Tensor,
-    best_dst: torch.Tensor,
-    src_pos: torch.Tensor,
-    dst_pos: torch.Tensor,
-    r: int,
-    unmerge: bool,
-) -> tuple[TokenMerge, torch.Tensor | None]:
-    """The merge that averages the ``r`` top-ranked sources into their best destinations.
-
-    With ``unmerge`` also returns the unmerge rows (for every input token, the merged-sequence row
-    it went into); the agents are never unmerged, so their cut skips that work.
-    """
+    ranking: torch.Tensor, best_dst: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, r: int
+) -> TokenMerge:
+    """The merge that averages the ``r`` top-ranked sources into their best destinations."""
     batch, num_src = ranking.shape
     num_dst = dst_pos.shape[0]
     num_tokens, num_merged = num_src + num_dst, num_src + num_dst - r
     merged = ranking[:, :r]
     keep_idx = torch.cat([src_pos[ranking[:, r:]], dst_pos.expand(batch, -1)], dim=1)
-    src_idx = src_pos[merged]
     dst_of_src = best_dst[torch.arange(batch, device=ranking.device).unsqueeze(1), merged]
-    dst_slot = dst_of_src + (num_src - r)
     dst_count = torch.ones(batch, num_dst, device=ranking.device).scatter_add_(
         1, dst_of_src, torch.ones(dst_of_src.shape, device=ranking.device)
     )
-    token_merge = TokenMerge(
+    return TokenMerge(
         keep_rows=_rows(keep_idx, num_tokens),
-        src_rows=_rows(src_idx, num_tokens),
-        dst_rows=_rows(dst_slot, num_merged),
+        src_rows=_rows(src_pos[merged], num_tokens),
+        dst_rows=_rows(dst_of_src + (num_src - r), num_merged),
         dst_count=dst_count.unsqueeze(-1),
         num_tokens=num_tokens,
     )
-    if not unmerge:
-        return token_merge, None
-    slot = torch.empty(batch, num_tokens, dtype=torch.long, device=ranking.device)
-    slot.scatter_(1, keep_idx, torch.arange(num_merged, device=slot.device).expand(batch, -1))
-    slot.scatter_(1, src_idx, dst_slot)
-    return token_merge, _rows(slot, num_merged)
 
 
 def plan_merge(
@@ -219,7 +210,8 @@ def plan_merge(
         best_score, best_dst = best_destinations(normed.index_select(1, src_pos), normed.index_select(1, dst_pos))
         ranking = best_score.argsort(dim=-1, descending=True)
 
-        tokens, unmerge_rows = _cut(ranking, best_dst, src_pos, dst_pos, r, unmerge=True)
+        tokens = _cut(ranking, best_dst, src_pos, dst_pos, r)
         has_agents = (num_tokens - agent_r) * 2 < num_tokens - r
-        agents = _cut(ranking, best_dst, src_pos, dst_pos, agent_r, unmerge=False)[0] if has_agents else None
-        return MergePlan(tokens=tokens, agents=agents, unmerge_rows=unmerge_rows)
+        agents = _cut(ranking, best_dst, src_pos, dst_pos, agent_r) if has_agents else None
+        # Only the attention tokens are unmerged; the agents never are.
+        return MergePlan(tokens=tokens, agents=agents, unmerge_rows=tokens.unmerge_rows())
