@@ -61,6 +61,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fid_metrics as fm  # noqa: E402
+from atomic_write import atomic_path  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 METHODS = ("sd", "tomesd", "agentsd")
@@ -367,10 +368,8 @@ def generate(pipe, run: Run, args, state) -> None:
                 peak[0] = torch.cuda.max_memory_allocated(args.device)
             records.append((idx, seconds, (peak[0] - base) / len(idx) if cuda else None))
             for i, image in zip(idx, images):
-                final = image_path(folder, i)
-                tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, final)
+                with atomic_path(image_path(folder, i)) as tmp:
+                    image.save(tmp, format="PNG")
             bar.update(len(idx))
     finally:
         bar.close()
@@ -389,8 +388,8 @@ def generate(pipe, run: Run, args, state) -> None:
                 "generated": [i for idx, _, _ in records for i in idx],
             }
             name = f"timing-{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{os.getpid()}.json"
-            (folder / f".{name}.tmp").write_text(json.dumps(record))
-            os.replace(folder / f".{name}.tmp", folder / name)
+            with atomic_path(folder / name) as tmp:
+                tmp.write_text(json.dumps(record))
 
 
 def timing(folder: Path) -> dict:
@@ -483,7 +482,8 @@ def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
         "time": "s/img: synchronized wall time of the pipeline calls / images, warm-up batch excluded, per device",
         "memory": "GB/img: (peak allocated during denoising - allocated before the call) / batch size; CUDA only",
     }
-    (out / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
     cols = [
         "method",
         "ratio",
@@ -497,7 +497,7 @@ def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
         "paper_sec_per_image",
         "paper_gb_per_image",
     ]
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -516,7 +516,8 @@ def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
             f"{fmt(r['paper_fid'])} | {fmt(r['paper_sec_per_image'])} | {fmt(r['paper_gb_per_image'])} |"
         )
     lines += ["", meta["time"] + ".", meta["memory"] + "."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     plot(out / "fid_vs_time.png", rows, use_ref=args.reference is not None)
 
 
@@ -539,7 +540,8 @@ def plot(path: Path, rows: list[dict], use_ref: bool) -> None:
     ax.grid(alpha=0.3)
     ax.margins(0.2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -579,9 +581,8 @@ def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | 
             folder = args.out / "images" / run.name
             folder.mkdir(parents=True, exist_ok=True)
             if not (folder / "settings.json").exists():  # check_args refused a mismatch already
-                tmp = folder / f".settings.json.{os.getpid()}.tmp"  # other processes may be reading it
-                tmp.write_text(json.dumps(run_settings(args, run), indent=2))
-                os.replace(tmp, folder / "settings.json")
+                with atomic_path(folder / "settings.json") as tmp:  # other processes may be reading it
+                    tmp.write_text(json.dumps(run_settings(args, run), indent=2))
     state.wait_for_everyone()
 
     pipe = load_pipeline(args)

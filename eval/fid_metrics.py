@@ -24,6 +24,9 @@ import torch
 from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
+# A sibling module: eval/ is on sys.path wherever this one is imported.
+from atomic_write import atomic_path  # isort: skip
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity release v0.2.0
 
@@ -107,9 +110,8 @@ class Stats:
 
     def save(self, path: Path, key: str = "") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, key=key)
-        tmp.replace(path)
+        with atomic_path(path) as tmp, tmp.open("wb") as handle:  # a file object: savez adds no suffix
+            np.savez(handle, mu=self.mu, sigma=self.sigma, n=self.n, key=key)
 
     @classmethod
     def load(cls, path: Path, key: str | None = None) -> Stats | None:

@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 import agentsd
 
-# A sibling script module: eval/ is sys.path[0] when this file runs as a script.
+# Sibling script modules: eval/ is sys.path[0] when this file runs as a script.
+from atomic_write import atomic_path  # isort: skip
 from unet_configs import ARCHS, Arch  # isort: skip
 
 METHODS = ("sd", "tomesd", "agentsd", "agent-phase", "tome-phase")
@@ -550,20 +551,6 @@ def machine_info(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any
         "versions": {name: _version(name) for name in ("torch", "diffusers", "tomesd", "agentsd")},
         "memory_source": MEMORY_SOURCES[args.device.type],
     }
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto it once the block succeeds.
-
-    A reader (or an interrupted run) never sees a half-written result file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:

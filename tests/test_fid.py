@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 import fid  # noqa: E402
 import fid_metrics as fm  # noqa: E402
+from atomic_write import atomic_path  # noqa: E402
 
 METHODS = "sd,tomesd,agentsd"
 N_IMAGES, BATCH = 5, 2
@@ -142,6 +143,19 @@ def test_interrupted_batch_is_made_again_and_half_written_files_never_count(firs
     assert changed - set(new_timing) == {"images/sd/00002.png", "images/sd/00003.png"}  # the whole batch 2-3
     assert json.loads((out / new_timing[0]).read_text())["generated"] == [2, 3]
     np.testing.assert_array_equal(pixels(folder / "00003.png"), original)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_other_settings_in_the_same_folder_are_refused(first_run, model, capsys):

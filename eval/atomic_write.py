@@ -1,0 +1,28 @@
+"""Result files written whole or not at all.
+
+A run that is killed, or a reader that looks while several processes write (``accelerate
+launch``), must never see half a PNG or half a JSON file: a rerun trusts what exists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto it once the block succeeds.
+
+    The temporary name is hidden (a leading dot), ends in ``.tmp`` and carries the process id, so
+    that two processes writing the same file never share one and image listings skip it. It is
+    removed if the block fails.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
