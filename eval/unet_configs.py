@@ -30,13 +30,11 @@ from diffusers import (
 # Noise schedule shared by SD 1.x, SD 2.x and SDXL.
 _BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
-_SD_BLOCKS = {
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "layers_per_block": 2,
+# Settings every full-size SD UNet config spells out alike (SD 1.x, 2.x and SDXL).
+_FULL_SIZE = {
     "in_channels": 4,
     "out_channels": 4,
+    "layers_per_block": 2,
     "act_fn": "silu",
     "norm_num_groups": 32,
     "norm_eps": 1e-5,
@@ -45,6 +43,13 @@ _SD_BLOCKS = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "center_input_sample": False,
+}
+
+_SD_BLOCKS = {
+    **_FULL_SIZE,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 
 #: runwayml / stable-diffusion-v1-5, unet/config.json (859.5 M parameters).
@@ -65,14 +70,12 @@ SD21_UNET: dict[str, Any] = {
 
 #: stabilityai / stable-diffusion-xl-base-1.0, unet/config.json (2567.5 M parameters).
 SDXL_UNET: dict[str, Any] = {
+    **_FULL_SIZE,
     "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
     "block_out_channels": [320, 640, 1280],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "layers_per_block": 2,
     "transformer_layers_per_block": [1, 2, 10],
     "attention_head_dim": [5, 10, 20],
     "cross_attention_dim": 2048,
@@ -82,14 +85,6 @@ SDXL_UNET: dict[str, Any] = {
     "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "center_input_sample": False,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "time_embedding_type": "positional",
