@@ -10,8 +10,14 @@ A merge is stored as index tensors (:class:`TokenMerge`), not as closures, so th
 row selections and one ``index_add_``, unmerging is a single row selection (every original token
 copies the merged token it went into), and the plan can be inspected in tests.
 
+Planning is split in two so that the per-block path never waits for the device. What depends only on
+the UNet call (the grid, which tokens are destinations and which are sources: :class:`GridLayout`) is
+made once per call, outside any compiled region; :func:`plan_merge` then needs only dense, fixed-size
+tensor operations on the block input: no ``nonzero()``, no ``.item()``, no branch on tensor values.
+It compiles with ``fullgraph=True`` and issues no host-device synchronisation on CUDA.
+
 No ``torch.gather`` runs on features, so the MPS bug that ``tomesd`` works around (gather with a
-last dimension of 1) cannot arise; the plan indexes with advanced indexing instead.
+last dimension of 1) cannot arise.
 """
 
 from __future__ import annotations
@@ -63,9 +69,8 @@ class TokenMerge:
         """[B * N]: for every input row, the merged-sequence row it went into (kept tokens their own
         slot, merged-away sources their destination's)."""
         rows = torch.empty(self.dst_count.shape[0] * self.num_tokens, dtype=torch.long, device=self.keep_rows.device)
-        rows[self.keep_rows] = torch.arange(self.keep_rows.shape[0], device=rows.device)
-        rows[self.src_rows] = self.dst_rows
-        return rows
+        rows.index_copy_(0, self.keep_rows, torch.arange(self.keep_rows.shape[0], device=rows.device))
+        return rows.index_copy_(0, self.src_rows, self.dst_rows)
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, M, C]: destinations become the mean of themselves and their sources."""
@@ -111,19 +116,51 @@ def destination_positions(
 ) -> torch.Tensor:
     """Flat grid positions of the destination tokens: one per full ``sx``-by-``sy`` cell.
 
-    With a ``generator`` each cell's destination is drawn uniformly from the cell; without one it
-    is the cell's top-left token. Tokens of a ragged right or bottom edge that no full cell covers
-    are always sources.
+    With a ``generator`` each cell's destination is drawn uniformly from the cell (on the
+    generator's device); without one it is the cell's top-left token. Tokens of a ragged right or
+    bottom edge that no full cell covers are always sources.
     """
     cells_y, cells_x = h // sy, w // sx
     if generator is None:
-        offset = torch.zeros(cells_y, cells_x, dtype=torch.long)
+        offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
     else:
-        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device)
-    offset = offset.to(device)
+        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device).to(device)
     rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
     cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
     return (rows * w + cols).flatten()
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Which tokens of an ``h``-by-``w`` grid are destinations and which are sources.
+
+    It depends only on the grid, the cell size and the random draw, never on the features, so it is
+    made once per UNet call (:meth:`draw`) and handed to the blocks.
+
+    Attributes:
+        dst_pos: [D] flat grid positions of the destinations (one per full cell).
+        src_pos: [S] positions of every other token, ascending.
+    """
+
+    dst_pos: torch.Tensor
+    src_pos: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dst_pos.shape[0] + self.src_pos.shape[0]
+
+    @classmethod
+    def draw(
+        cls, h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> GridLayout:
+        """The layout of an ``h``-by-``w`` grid with ``sx``-by-``sy`` cells (see :func:`destination_positions`)."""
+        device = torch.device("cpu") if device is None else device
+        dst_pos = destination_positions(h, w, sx, sy, generator, device)
+        # The sources are the complement, in ascending order. A stable sort of the destination flags
+        # puts them first without `nonzero()`, whose data-dependent size would stall the device.
+        is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device).index_fill_(0, dst_pos, 1)
+        src_pos = is_dst.argsort(stable=True)[: h * w - dst_pos.shape[0]]
+        return cls(dst_pos=dst_pos, src_pos=src_pos)
 
 
 def best_destinations(
@@ -144,74 +181,62 @@ def best_destinations(
     return torch.cat(scores, dim=1), torch.cat(index, dim=1)
 
 
-def _cut(
-    ranking: torch.Tensor, best_dst: torch.Tensor, src_pos: torch.Tensor, dst_pos: torch.Tensor, r: int
-) -> TokenMerge:
-    """The merge that averages the ``r`` top-ranked sources into their best destinations."""
+def _cut(ranking: torch.Tensor, best_dst: torch.Tensor, layout: GridLayout, r: int) -> TokenMerge:
+    """The merge that averages the ``r`` top-ranked sources into their best destinations.
+
+    Every index is gathered with ``index_select`` / ``gather`` on flat or per-row tensors: advanced
+    indexing with 2-D index tensors is several times slower on the CPU for the same result.
+    """
     batch, num_src = ranking.shape
-    num_dst = dst_pos.shape[0]
+    num_dst = layout.dst_pos.shape[0]
     num_tokens, num_merged = num_src + num_dst, num_src + num_dst - r
-    merged = ranking[:, :r]
-    keep_idx = torch.cat([src_pos[ranking[:, r:]], dst_pos.expand(batch, -1)], dim=1)
-    dst_of_src = best_dst[torch.arange(batch, device=ranking.device).unsqueeze(1), merged]
+    merged, kept = ranking[:, :r], ranking[:, r:]
+    kept_pos = layout.src_pos.index_select(0, kept.flatten()).view(batch, num_src - r)
+    keep_idx = torch.cat([kept_pos, layout.dst_pos.expand(batch, -1)], dim=1)
+    dst_of_src = best_dst.gather(1, merged)
     dst_count = torch.ones(batch, num_dst, device=ranking.device).scatter_add_(
         1, dst_of_src, torch.ones(dst_of_src.shape, device=ranking.device)
     )
     return TokenMerge(
         keep_rows=_rows(keep_idx, num_tokens),
-        src_rows=_rows(src_pos[merged], num_tokens),
+        src_rows=_rows(layout.src_pos.index_select(0, merged.flatten()).view(batch, r), num_tokens),
         dst_rows=_rows(dst_of_src + (num_src - r), num_merged),
         dst_count=dst_count.unsqueeze(-1),
         num_tokens=num_tokens,
     )
 
 
-def plan_merge(
-    metric: torch.Tensor,
-    h: int,
-    w: int,
-    sx: int,
-    sy: int,
-    r: int,
-    agent_r: int = 0,
-    generator: torch.Generator | None = None,
-) -> MergePlan | None:
-    """Plan ToMe (and agent) merges from ``metric`` [B, N, C], the block input on an ``h``-by-``w`` grid.
+def plan_merge(metric: torch.Tensor, layout: GridLayout, r: int, agent_r: int = 0) -> MergePlan | None:
+    """Plan ToMe (and agent) merges from ``metric`` [B, N, C], the block input, on ``layout``'s grid.
 
     Args:
         metric: Features whose cosine similarity decides what merges (the block's input).
-        h, w: The token grid, ``h * w == N``.
-        sx, sy: Destination cell size.
+        layout: Destinations and sources of the grid (``layout.num_tokens == N``).
         r: Tokens to remove for attention (capped at the number of sources).
         agent_r: Tokens to remove for the agents (capped likewise). Agents are planned only when
             ``(N - agent_r) * 2 < N - r``.
-        generator: Draws the destination inside each cell; ``None`` takes the top-left token.
 
     Returns:
-        The plan, or ``None`` when nothing would be merged (``r <= 0`` or no sources).
+        The plan, or ``None`` when nothing would be merged (``r <= 0`` or no sources). Which of the
+        two it is depends only on the shapes and ``r``, never on the values, so the call never waits
+        for the device.
     """
     num_tokens = metric.shape[1]
-    if num_tokens != h * w:
-        raise ValueError(f"metric has {num_tokens} tokens, which is not a {h}x{w} grid")
-    if r <= 0:
+    if num_tokens != layout.num_tokens:
+        raise ValueError(f"metric has {num_tokens} tokens but the layout is a grid of {layout.num_tokens}")
+    num_src = layout.src_pos.shape[0]
+    if r <= 0 or num_src == 0:
         return None
+    r, agent_r = min(r, num_src), min(agent_r, num_src)
     with torch.no_grad():
-        dst_pos = destination_positions(h, w, sx, sy, generator, metric.device)
-        is_src = torch.ones(num_tokens, dtype=torch.bool, device=metric.device)
-        is_src[dst_pos] = False
-        src_pos = is_src.nonzero().squeeze(1)
-        num_src = src_pos.shape[0]
-        if num_src == 0:
-            return None
-        r = min(r, num_src)
-        agent_r = min(agent_r, num_src)
-
         normed = metric / metric.norm(dim=-1, keepdim=True)
-        best_score, best_dst = best_destinations(normed.index_select(1, src_pos), normed.index_select(1, dst_pos))
+        best_score, best_dst = best_destinations(
+            normed.index_select(1, layout.src_pos), normed.index_select(1, layout.dst_pos)
+        )
+        # One full ranking serves both cuts: its top r and top agent_r are the two merged sets.
         ranking = best_score.argsort(dim=-1, descending=True)
-
-        tokens = _cut(ranking, best_dst, src_pos, dst_pos, r)
+        tokens = _cut(ranking, best_dst, layout, r)
         has_agents = (num_tokens - agent_r) * 2 < num_tokens - r
-        agents = _cut(ranking, best_dst, src_pos, dst_pos, agent_r) if has_agents else None
+        agents = _cut(ranking, best_dst, layout, agent_r) if has_agents else None
         # Only the attention tokens are unmerged; the agents never are.
         return MergePlan(tokens=tokens, agents=agents, unmerge_rows=tokens.unmerge_rows())

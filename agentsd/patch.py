@@ -26,7 +26,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import AgentSDAttnProcessor, AttentionProcessor, TokenMergeProcessor
 from .config import AgentSDConfig, Phase
-from .merge import MergePlan, plan_merge
+from .merge import GridLayout, MergePlan, plan_merge
 
 logger = logging.getLogger("agentsd")
 
@@ -39,31 +39,54 @@ DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
 @dataclass
 class UNetState:
-    """What every patched block of one UNet needs to know about the current call."""
+    """What every patched block of one UNet needs to know about the current call.
+
+    :meth:`start_call` runs once per UNet call, outside any compiled region: it reads the timestep
+    (the one host-device synchronisation of a call, when the timestep lives on the device), picks
+    the phase and draws every block's :class:`~agentsd.merge.GridLayout` on the model's device. The
+    blocks then only read Python values and device tensors, so they compile with
+    ``fullgraph=True`` and never wait for the device.
+    """
 
     config: AgentSDConfig
     num_train_timesteps: int
-    latent_size: tuple[int, int] | None = None
+    blocks: list[BlockState] = field(default_factory=list)
     phase: Phase | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
 
     def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        """Record the latent size, pick the phase and reseed the destination choice for this call."""
-        self.latent_size = (sample.shape[-2], sample.shape[-1])
+        """Pick the phase, reseed the destination choice and lay out every block's grid for this call."""
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         self.phase = self.config.phase_at(t, self.num_train_timesteps)
         # The destination pattern depends only on the seed and the noise level, never on what ran
         # before, so the same generation twice gives the same image.
         self.generator.manual_seed(self.config.seed * 1_000_003 + round(t * 1000))
+        # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
+        # the two halves of a pair different plans, so use the fixed top-left ones.
+        generator = self.generator if self.config.use_rand and sample.shape[0] % 2 == 0 else None
+        fixed: dict[tuple[int, int], GridLayout] = {}
+        # Blocks are listed in the order they run, so the generator draws for them in that order.
+        for block in self.blocks:
+            h, w = (math.ceil(side / block.downsample) for side in sample.shape[-2:])
+            block.tokens_seen = h * w
+            if int(h * w * self.phase.ratio) <= 0:
+                block.layout = None
+            elif generator is not None:
+                block.layout = GridLayout.draw(h, w, self.phase.sx, self.phase.sy, generator, sample.device)
+            else:
+                if (h, w) not in fixed:
+                    fixed[h, w] = GridLayout.draw(h, w, self.phase.sx, self.phase.sy, None, sample.device)
+                block.layout = fixed[h, w]
 
 
-@dataclass
+@dataclass(eq=False)
 class BlockState:
-    """One patched transformer block: its resolution level and the merge plan of the current call."""
+    """One patched transformer block: its resolution level, its grid layout and merge plan of the current call."""
 
     unet: UNetState
     downsample: int
     last_stage: Stage = "attn1"
+    layout: GridLayout | None = None
     plan: MergePlan | None = None
     tokens_seen: int | None = None
 
@@ -83,30 +106,20 @@ class BlockState:
         return plan
 
     def make_plan(self, x: torch.Tensor) -> MergePlan | None:
-        """The merge plan for block input ``x`` [B, N, C] under the current phase."""
-        phase, latent_size = self.unet.phase, self.unet.latent_size
-        if phase is None or latent_size is None:
+        """The merge plan for block input ``x`` [B, N, C] under the current phase.
+
+        Everything here is shape arithmetic and dense tensor work: no value of ``x`` decides a branch.
+        """
+        layout, phase = self.layout, self.unet.phase
+        if layout is None or phase is None:
             return None
-        batch, num_tokens, _ = x.shape
-        h, w = (math.ceil(side / self.downsample) for side in latent_size)
-        if h * w != num_tokens:
+        num_tokens = x.shape[1]
+        if num_tokens != layout.num_tokens:
             logger.warning(
-                "agentsd: a block expected a %dx%d token grid but got %d tokens; it runs unmerged", h, w, num_tokens
+                "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged", layout.num_tokens, num_tokens
             )
             return None
-        # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would
-        # give the two halves of a pair different plans, so use the fixed top-left ones.
-        use_rand = self.config.use_rand and batch % 2 == 0
-        return plan_merge(
-            x,
-            h,
-            w,
-            phase.sx,
-            phase.sy,
-            r=int(num_tokens * phase.ratio),
-            agent_r=int(num_tokens * phase.agent_ratio),
-            generator=self.unet.generator if use_rand else None,
-        )
+        return plan_merge(x, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
 
 
 def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
@@ -138,11 +151,8 @@ class BlockHook(ModelHook):
         super().__init__()
         self.state = state
 
-    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        x = _call_argument(args, kwargs, 0, "hidden_states")
-        self.state.tokens_seen = x.shape[1]
-        self.state.plan = self.state.make_plan(x)
+        self.state.plan = self.state.make_plan(_call_argument(args, kwargs, 0, "hidden_states"))
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -222,13 +232,13 @@ def _transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransform
     """Every ``BasicTransformerBlock`` of the UNet with its downsample factor (1 = latent resolution).
 
     The factor follows from where the block sits: down block i and up block (n - 1 - i) work at
-    2**i, the mid block at the coarsest level.
+    2**i, the mid block at the coarsest level. Blocks are listed in the order they run.
     """
     levels = len(unet.down_blocks)
     scopes = [(f"down_blocks.{i}", unet.down_blocks[i], 2**i) for i in range(levels)]
-    scopes += [(f"up_blocks.{i}", unet.up_blocks[i], 2 ** (levels - 1 - i)) for i in range(len(unet.up_blocks))]
     if getattr(unet, "mid_block", None) is not None:
         scopes.append(("mid_block", unet.mid_block, 2 ** (levels - 1)))
+    scopes += [(f"up_blocks.{i}", unet.up_blocks[i], 2 ** (levels - 1 - i)) for i in range(len(unet.up_blocks))]
     found = []
     for prefix, scope, downsample in scopes:
         for name, module in scope.named_modules():
@@ -351,6 +361,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             continue
         block_state = BlockState(unet=state, downsample=downsample, last_stage=stages[-1])
         unet_hook.blocks[name] = block_state
+        state.blocks.append(block_state)
         _add_hook(block, BlockHook(block_state), unet_hook)
         for stage in stages:
             if stage == "ff":

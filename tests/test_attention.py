@@ -37,8 +37,9 @@ def test_agent_attention_low_precision_and_fp32_upcast(dtype):
 def _block_state(metric, h, w, **phase):
     config = AgentSDConfig(schedule="fixed", use_rand=False, **phase)
     unet = UNetState(config=config, num_train_timesteps=1000)
-    unet.start_call(torch.zeros(1, 4, h, w), 999)
     block = BlockState(unet=unet, downsample=1)
+    unet.blocks.append(block)
+    unet.start_call(torch.zeros(1, 4, h, w), 999)
     block.plan = block.make_plan(metric)
     return block
 

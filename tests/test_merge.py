@@ -4,7 +4,11 @@ import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
-from agentsd.merge import best_destinations, destination_positions, plan_merge
+from agentsd.merge import GridLayout, best_destinations, destination_positions, plan_merge
+
+
+def _plan(x, h, w, sx, sy, r, agent_r=0, generator=None):
+    return plan_merge(x, GridLayout.draw(h, w, sx, sy, generator), r=r, agent_r=agent_r)
 
 
 def _metric(b=2, h=8, w=8, c=16, seed=0):
@@ -17,7 +21,7 @@ def _metric(b=2, h=8, w=8, c=16, seed=0):
 def test_merge_and_unmerge_match_tomesd(h, w, sx, sy, ratio):
     x = _metric(h=h, w=w)
     r = int(h * w * ratio)
-    plan = plan_merge(x, h, w, sx, sy, r)
+    plan = _plan(x, h, w, sx, sy, r)
     merge, unmerge = bipartite_soft_matching_random2d(x, w, h, sx, sy, r, no_rand=True)
 
     ours, theirs = plan.merge(x), merge(x)
@@ -63,8 +67,8 @@ def test_blocked_scoring_equals_one_matrix_product():
 
 def test_agent_cut_is_the_same_ranking_cut_deeper():
     x = _metric()
-    plan = plan_merge(x, 8, 8, 4, 4, r=25, agent_r=60)
-    deeper = plan_merge(x, 8, 8, 4, 4, r=60)
+    plan = _plan(x, 8, 8, 4, 4, r=25, agent_r=60)
+    deeper = _plan(x, 8, 8, 4, 4, r=60)
     assert plan.agents is not None
     assert torch.equal(plan.agents.merge(x), deeper.merge(x))
     assert plan.agents.merge(x).shape[1] == 64 - 60  # all sources merged: only the 4 destinations remain
@@ -76,22 +80,22 @@ def test_agent_cut_is_the_same_ranking_cut_deeper():
 )
 def test_agents_exist_only_when_fewer_than_half_the_merged_tokens(r, agent_r, expected):
     # N = 64: agents exist iff (64 - agent_r) * 2 < 64 - r.
-    plan = plan_merge(_metric(), 8, 8, 2, 2, r=r, agent_r=agent_r)
+    plan = _plan(_metric(), 8, 8, 2, 2, r=r, agent_r=agent_r)
     assert (plan.agents is not None) is expected
 
 
 def test_nothing_to_merge_gives_no_plan_and_r_is_capped_at_the_sources():
     x = _metric()
-    assert plan_merge(x, 8, 8, 2, 2, r=0, agent_r=50) is None
-    assert plan_merge(x, 8, 8, 1, 1, r=10) is None  # every token is a destination
-    capped = plan_merge(x, 8, 8, 2, 2, r=1000)
+    assert _plan(x, 8, 8, 2, 2, r=0, agent_r=50) is None
+    assert _plan(x, 8, 8, 1, 1, r=10) is None  # every token is a destination
+    capped = _plan(x, 8, 8, 2, 2, r=1000)
     assert capped.merge(x).shape[1] == 16
 
 
 @pytest.mark.parametrize("sx,r", [(2, 20), (4, 40)])
 def test_every_merged_token_is_the_mean_of_the_tokens_that_unmerge_to_it(sx, r):
     x = _metric(b=2)
-    plan = plan_merge(x, 8, 8, sx, sx, r=r, generator=torch.Generator().manual_seed(0))
+    plan = _plan(x, 8, 8, sx, sx, r=r, generator=torch.Generator().manual_seed(0))
     merged = plan.merge(x)
     slot = plan.unmerge_rows.view(2, 64) - torch.arange(2).unsqueeze(1) * merged.shape[1]
     for b in range(2):
@@ -102,5 +106,5 @@ def test_every_merged_token_is_the_mean_of_the_tokens_that_unmerge_to_it(sx, r):
 
 
 def test_grid_mismatch_is_an_error():
-    with pytest.raises(ValueError, match="not a 5x5 grid"):
-        plan_merge(_metric(), 5, 5, 2, 2, r=3)
+    with pytest.raises(ValueError, match="64 tokens but the layout is a grid of 25"):
+        _plan(_metric(), 5, 5, 2, 2, r=3)

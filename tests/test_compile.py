@@ -1,0 +1,145 @@
+"""torch.compile of a patched UNet: regional (diffusers' compile_repeated_blocks) and whole-model.
+
+Dynamo's "eager" backend traces exactly as inductor does (same graphs, guards and breaks) without
+generating code, which keeps these tests fast; one case runs "aot_eager" so that the in-place index
+operations also pass AOTAutograd's functionalisation.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+from tiny import TEXT_DIM, tiny_unet
+
+import agentsd
+from agentsd.merge import GridLayout, plan_merge
+
+#: Two agent-phase steps, two ToMe-phase steps, then the agent phase again (recipe switch at t = 600).
+TIMESTEPS = (981, 961, 581, 561, 941)
+
+
+def _inputs(kind):
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=g)
+    text_dim = 2 * TEXT_DIM if kind == "sdxl" else TEXT_DIM
+    kwargs = {"encoder_hidden_states": torch.randn(2, 5, text_dim, generator=g)}
+    if kind == "sdxl":
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, TEXT_DIM, generator=g),
+            "time_ids": torch.randn(2, 6, generator=g),
+        }
+    return sample, kwargs
+
+
+def _run(model, sample, kwargs, t):
+    with torch.no_grad():
+        return model(sample, torch.tensor(t), **kwargs).sample
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch-then-compile", "compile-then-patch"])
+def test_regional_compile_fullgraph_matches_eager_and_recompiles_once_per_phase(kind, patch_first):
+    unet = tiny_unet(kind).eval()
+    sample, kwargs = _inputs(kind)
+    unpatched = _run(unet, sample, kwargs, TIMESTEPS[0])
+    agentsd.apply_patch(unet, ratio=0.4)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS}
+    if not patch_first:
+        agentsd.remove_patch(unet)
+
+    unet.compile_repeated_blocks(fullgraph=True, backend="eager")
+    if not patch_first:
+        assert torch.equal(_run(unet, sample, kwargs, TIMESTEPS[0]), unpatched)
+        agentsd.apply_patch(unet, ratio=0.4)
+    graphs = []
+    for t in TIMESTEPS:
+        assert torch.allclose(_run(unet, sample, kwargs, t), eager[t], atol=1e-4), t
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1]  # a second agent-phase step reuses the graphs
+    assert graphs[1] < graphs[2] == graphs[3] == graphs[4]  # one more trace for the ToMe phase, none after
+    assert not counters["graph_break"]
+
+    agentsd.remove_patch(unet)
+    assert torch.allclose(_run(unet, sample, kwargs, TIMESTEPS[0]), unpatched, atol=1e-6)
+
+
+def test_regional_compile_survives_aot_autograd():
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    agentsd.apply_patch(unet, ratio=0.4)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    for t, expected in eager.items():
+        assert torch.allclose(_run(unet, sample, kwargs, t), expected, atol=1e-4)
+
+
+def test_whole_model_compile_has_one_break_per_call_and_no_recompiles_per_step():
+    """The UNet hook reads the timestep value to pick the phase: the only break, traced once."""
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    agentsd.apply_patch(unet, ratio=0.4)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS}
+    compiled = torch.compile(unet, backend="eager")
+    graphs = []
+    for t in TIMESTEPS:
+        assert torch.allclose(_run(compiled, sample, kwargs, t), eager[t], atol=1e-4), t
+        graphs.append(counters["stats"]["unique_graphs"])
+    breaks = counters["graph_break"]
+    assert sum(breaks.values()) == 1 and "UNetHook.pre_forward" in next(iter(breaks))
+    assert graphs[0] == graphs[1] < graphs[2] == graphs[3] == graphs[4]
+    agentsd.remove_patch(unet)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators that make the host wait for the device's values."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "unique")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("timestep", [981, 581], ids=["agent-phase", "tome-phase"])
+def test_a_patched_call_adds_one_host_sync_reading_the_timestep_and_none_per_block(timestep):
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    with _CountOps() as plain:
+        _run(unet, sample, kwargs, timestep)
+    agentsd.apply_patch(unet, ratio=0.4)
+    with _CountOps() as patched:
+        _run(unet, sample, kwargs, timestep)
+    assert len(agentsd.patch_summary(unet).blocks) == 3
+    agentsd.remove_patch(unet)
+    assert sorted(patched.syncs) == sorted([*plain.syncs, "_local_scalar_dense"])
+
+
+@pytest.mark.parametrize("sx,agent_r", [(4, 60), (2, 0)], ids=["agents", "tome"])
+def test_plan_merge_compiles_fullgraph_with_the_same_plan(sx, agent_r):
+    x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
+    layout = GridLayout.draw(8, 8, sx, sx, torch.Generator().manual_seed(1))
+
+    def merged(metric):
+        plan = plan_merge(metric, layout, r=25, agent_r=agent_r)
+        agents = plan.agents.merge(metric) if plan.agents is not None else None
+        return plan.unmerge(plan.merge(metric)), agents
+
+    compiled = torch.compile(merged, fullgraph=True, backend="eager")
+    (expected, expected_agents), (ours, our_agents) = merged(x), compiled(x)
+    assert torch.equal(ours, expected)
+    assert (our_agents is None) == (expected_agents is None)
+    if expected_agents is not None:
+        assert torch.equal(our_agents, expected_agents)
