@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -78,9 +79,15 @@ class TokenMergeProcessor:
     #: Which part of the block this processor serves (see ``BlockState.take_plan``).
     stage = "attn2"
 
-    def __init__(self, block: BlockState, inner: AttentionProcessor) -> None:
+    def __init__(self, block: BlockState | None = None, inner: AttentionProcessor | None = None) -> None:
+        """Wrap ``inner`` (default: diffusers' SDPA processor) for the patched ``block``.
+
+        Both are optional because diffusers' loaders rebuild processors as ``type(processor)()``
+        (``load_ip_adapter`` does so for every ``attn1``): such a detached copy is exactly ``inner``
+        until the patch adopts it at the next UNet call.
+        """
         self.block = block
-        self.inner = inner
+        self.inner = inner if inner is not None else AttnProcessor2_0()
 
     def __call__(
         self,
@@ -90,7 +97,7 @@ class TokenMergeProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        plan = self.block.take_plan(self.stage)
+        plan = self.block.take_plan(self.stage) if self.block is not None else None
         if plan is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         return plan.unmerge(self.attend(attn, hidden_states, plan, encoder_hidden_states, attention_mask, **kwargs))

@@ -11,6 +11,7 @@ the noise schedule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -72,6 +73,21 @@ class Phase:
         _check_stride("sy", self.sy)
         if isinstance(self.min_t, bool) or not isinstance(self.min_t, Real) or not 0 <= self.min_t <= 1:
             raise ValueError(f"min_t must be a number in [0, 1], got {self.min_t!r}")
+
+    @property
+    def uses_agents(self) -> bool:
+        """Whether agents pass the half rule, ``(N - agent_r) * 2 < N - r``, written for fractions.
+
+        A block's integer rounding can tip a case that sits exactly on the boundary; the blocks
+        decide with their own token counts.
+        """
+        return (1 - self.agent_ratio) * 2 < 1 - self.ratio
+
+    def describe(self) -> str:
+        """One line: what a patched block does in this phase."""
+        cells = f"sx=sy={self.sx}" if self.sx == self.sy else f"sx={self.sx}, sy={self.sy}"
+        kind = f"agent attention (agent_ratio {self.agent_ratio:g})" if self.uses_agents else "ToMe"
+        return f"{kind}, ratio {self.ratio:g}, {cells}"
 
 
 def recipe(ratio: float) -> tuple[Phase, Phase]:
@@ -143,6 +159,8 @@ class AgentSDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real):
                 raise TypeError(f"{name} must be a real number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.attn_precision not in (None, "fp32"):
             raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
@@ -160,9 +178,11 @@ class AgentSDConfig:
             knobs = {name: FIXED_DEFAULTS[name] if value is None else value for name, value in fixed_knobs.items()}
             return (Phase(ratio=self.ratio, **knobs),)
         if given:
+            names = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+            verb = "applies" if len(given) == 1 else "apply"
             raise ValueError(
-                f"{', '.join(given)} only apply with schedule='fixed' (one phase for all steps); "
-                f"schedule={self.schedule!r} sets them itself"
+                f"{names} only {verb} with schedule='fixed' (one phase for all steps); "
+                f"schedule={self.schedule!r} sets {'it' if len(given) == 1 else 'them'} itself"
             )
         if self.schedule == "recipe":
             return recipe(self.ratio)

@@ -151,7 +151,13 @@ class GridLayout:
 
     @classmethod
     def draw(
-        cls, h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None, device: torch.device | None = None
+        cls,
+        h: int,
+        w: int,
+        sx: int,
+        sy: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
     ) -> GridLayout:
         """The layout of an ``h``-by-``w`` grid with ``sx``-by-``sy`` cells (see :func:`destination_positions`)."""
         device = torch.device("cpu") if device is None else device

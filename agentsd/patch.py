@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
 
 from .attention import AgentSDAttnProcessor, AttentionProcessor, TokenMergeProcessor
 from .config import AgentSDConfig, Phase
@@ -116,7 +118,9 @@ class BlockState:
         num_tokens = x.shape[1]
         if num_tokens != layout.num_tokens:
             logger.warning(
-                "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged", layout.num_tokens, num_tokens
+                "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged",
+                layout.num_tokens,
+                num_tokens,
             )
             return None
         return plan_merge(x, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
@@ -126,8 +130,45 @@ def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
     return args[position] if len(args) > position else kwargs[name]
 
 
+@dataclass(eq=False)
+class WrappedAttention:
+    """An attention layer whose processor AgentSD wraps.
+
+    Attributes:
+        attn: The ``Attention`` module.
+        inner: The processor AgentSD wraps, and the one :func:`remove_patch` puts back.
+        wrapper: The AgentSD processor installed around ``inner``.
+    """
+
+    attn: Attention
+    inner: AttentionProcessor
+    wrapper: TokenMergeProcessor
+
+    def adopt_replacement(self) -> str | None:
+        """Wrap a processor that was set after the patch; return its class name, or ``None`` if none was.
+
+        ``set_attn_processor``, ``fuse_qkv_projections`` and ``load_ip_adapter`` replace every
+        processor. Wrapping the new one keeps AgentSD on, around whatever attention the user chose,
+        instead of leaving blocks that plan merges no processor applies.
+        """
+        current = self.attn.processor
+        if current is self.wrapper:
+            return None
+        # diffusers' loaders rebuild processors as `type(processor)()`: a detached copy of ours.
+        self.inner = current.inner if isinstance(current, TokenMergeProcessor) else current
+        self.wrapper = type(self.wrapper)(self.wrapper.block, self.inner)
+        self.attn.set_processor(self.wrapper)
+        return type(self.inner).__name__
+
+    def restore(self) -> None:
+        """Put back the wrapped processor; a processor the user set since then stays (unwrapped)."""
+        current = self.attn.processor
+        if current is self.wrapper or isinstance(current, TokenMergeProcessor):
+            self.attn.set_processor(current.inner)
+
+
 class UNetHook(ModelHook):
-    """Reads the latent size and timestep of each UNet call; owns everything the patch changed."""
+    """Starts each UNet call (phase, grid layouts); owns everything the patch changed."""
 
     def __init__(self, state: UNetState, max_downsample: int, total_blocks: int) -> None:
         super().__init__()
@@ -135,11 +176,16 @@ class UNetHook(ModelHook):
         self.max_downsample = max_downsample
         self.total_blocks = total_blocks
         self.blocks: dict[str, BlockState] = {}
-        self.original_processors: dict[Any, AttentionProcessor] = {}
+        self.wrapped: list[WrappedAttention] = []
         self.hooked_modules: list[HookedModule] = []
 
+    # The one piece that cannot be traced: the timestep's value picks the phase and seeds the draw.
+    # Under whole-model torch.compile this is a single graph break per UNet call.
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        adopted = {name for wrapped in self.wrapped if (name := wrapped.adopt_replacement())}
+        if adopted:
+            logger.info("agentsd: attention processors set after apply_patch (%s) are now wrapped", ", ".join(adopted))
         self.state.start_call(_call_argument(args, kwargs, 0, "sample"), _call_argument(args, kwargs, 1, "timestep"))
         return args, kwargs
 
@@ -199,33 +245,72 @@ class PatchSummary:
     """What :func:`apply_patch` changed: the patched blocks and the configuration in force.
 
     ``tokens_seen`` of each block is filled in once the UNet has run (e.g. 4096 for SD 1.5's top
-    level at 512 px).
+    level at 512 px). ``str()`` gives a few lines for a notebook: the blocks, then the settings.
     """
 
     config: AgentSDConfig
     max_downsample: int
     blocks: tuple[PatchedBlock, ...]
     total_blocks: int
+    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS
 
     def __str__(self) -> str:
         levels = sorted({block.downsample for block in self.blocks})
         tokens = sorted({block.tokens_seen for block in self.blocks if block.tokens_seen is not None})
         seen = f", {'/'.join(map(str, tokens))} tokens in the last call" if tokens else ""
-        return (
+        lines = [
             f"AgentSD patched {len(self.blocks)} of {self.total_blocks} transformer blocks "
             f"(downsample {'/'.join(map(str, levels)) or '-'} <= max_downsample={self.max_downsample}{seen})"
+        ]
+        config = self.config
+        schedule = config.schedule if isinstance(config.schedule, str) else "custom"
+        parts = {"merge_attn": "self-attention", "merge_crossattn": "cross-attention", "merge_mlp": "feed-forward"}
+        merged = [part for name, part in parts.items() if getattr(config, name)]
+        lines.append(
+            f"  schedule {schedule!r}, ratio {config.ratio:g}, merging in {', '.join(merged) or 'nothing'}, "
+            f"k_scale2 {config.k_scale2:g}, k_shortcut {config.k_shortcut:g}, seed {config.seed}"
         )
+        upper = None
+        for phase in config.phases:
+            lower = round(phase.min_t * self.num_train_timesteps)
+            if len(config.phases) == 1:
+                span = "every step"
+            elif upper is None:
+                span = f"t >= {lower}"
+            else:
+                span = f"t < {upper}" if lower == 0 else f"{lower} <= t < {upper}"
+            lines.append(f"  {span}: {phase.describe()}")
+            upper = lower
+        return "\n".join(lines)
 
 
 def _find_unet(model: Any) -> torch.nn.Module:
     unet = getattr(model, "unet", model)
-    if not isinstance(unet, torch.nn.Module) or not all(
+    if isinstance(unet, torch.nn.Module) and all(
         hasattr(unet, name) for name in ("down_blocks", "up_blocks", "conv_in")
     ):
+        return unet
+    transformer = getattr(model, "transformer", model)
+    if isinstance(transformer, torch.nn.Module) and "Transformer" in type(transformer).__name__:
         raise TypeError(
-            f"model must be a diffusers pipeline with a `.unet` or a UNet2DConditionModel, got {type(model).__name__}"
+            f"{type(model).__name__} is built on a transformer ({type(transformer).__name__}), not a UNet: "
+            "AgentSD patches the UNet of Stable Diffusion 1.x, 2.x and SDXL pipelines; transformer models "
+            "(SD3, Flux, PixArt, DiT, ...) are not supported"
         )
-    return unet
+    raise TypeError(
+        f"model must be a diffusers pipeline with a `.unet` or a UNet2DConditionModel, got {type(model).__name__}"
+    )
+
+
+def _other_transformer_blocks(unet: torch.nn.Module) -> list[str]:
+    """Class names of transformer blocks in ``unet`` that are not ``BasicTransformerBlock`` (left unpatched)."""
+    return sorted(
+        {
+            type(module).__name__
+            for module in unet.modules()
+            if type(module).__name__.endswith("TransformerBlock") and not isinstance(module, BasicTransformerBlock)
+        }
+    )
 
 
 def _transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransformerBlock, int]]:
@@ -341,8 +426,15 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     config = config if config is not None else AgentSDConfig(**knobs)
     unet = _find_unet(model)
     blocks = _transformer_blocks(unet)
+    others = _other_transformer_blocks(unet)
     if not blocks:
-        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch")
+        found = f"; its transformer blocks are {', '.join(others)}, which AgentSD does not support" if others else ""
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch{found}")
+    if others:
+        warnings.warn(
+            f"agentsd patches only BasicTransformerBlocks; this model's {', '.join(others)} blocks stay unpatched",
+            stacklevel=2,
+        )
     max_downsample = config.max_downsample or min(downsample for _, _, downsample in blocks)
     scheduler = getattr(model, "scheduler", None)
     num_train_timesteps = config.num_train_timesteps or getattr(
@@ -369,9 +461,19 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
                 continue
             attn = getattr(block, stage)
             processor_class = AgentSDAttnProcessor if stage == "attn1" else TokenMergeProcessor
-            unet_hook.original_processors[attn] = attn.processor
-            attn.set_processor(processor_class(block_state, attn.processor))
+            wrapped = WrappedAttention(attn, attn.processor, processor_class(block_state, attn.processor))
+            unet_hook.wrapped.append(wrapped)
+            attn.set_processor(wrapped.wrapper)
     _refresh_child_registries(unet)
+    if not unet_hook.blocks:
+        levels = "/".join(map(str, sorted({downsample for _, _, downsample in blocks})))
+        why = (
+            f"max_downsample={max_downsample} is below every attention level of this model (downsample {levels}); "
+            "pass a larger max_downsample, or None for the top attention level"
+            if all(downsample > max_downsample for _, _, downsample in blocks)
+            else "merge_attn, merge_crossattn and merge_mlp are all False"
+        )
+        warnings.warn(f"agentsd patched none of the {len(blocks)} transformer blocks: {why}", stacklevel=2)
     logger.info("%s", patch_summary(unet))
     return model
 
@@ -382,8 +484,8 @@ def remove_patch(model: Any) -> Any:
     unet_hook = _get_hook(unet)
     if unet_hook is None:
         return model
-    for attn, processor in unet_hook.original_processors.items():
-        attn.set_processor(processor)
+    for wrapped in unet_hook.wrapped:
+        wrapped.restore()
     for hooked in reversed(unet_hook.hooked_modules):
         _remove_hook(hooked)
     _refresh_child_registries(unet)
@@ -409,4 +511,5 @@ def patch_summary(model: Any) -> PatchSummary | None:
         max_downsample=unet_hook.max_downsample,
         blocks=blocks,
         total_blocks=unet_hook.total_blocks,
+        num_train_timesteps=unet_hook.state.num_train_timesteps,
     )

@@ -7,9 +7,9 @@ operations also pass AOTAutograd's functionalisation.
 
 import pytest
 import torch
+from tiny import TEXT_DIM, tiny_unet
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
-from tiny import TEXT_DIM, tiny_unet
 
 import agentsd
 from agentsd.merge import GridLayout, plan_merge
