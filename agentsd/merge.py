@@ -235,10 +235,12 @@ def plan_merge(metric: torch.Tensor, layout: GridLayout, r: int, agent_r: int = 
         return None
     r, agent_r = min(r, num_src), min(agent_r, num_src)
     with torch.no_grad():
-        normed = metric / metric.norm(dim=-1, keepdim=True)
-        best_score, best_dst = best_destinations(
-            normed.index_select(1, layout.src_pos), normed.index_select(1, layout.dst_pos)
-        )
+        # Select, then normalise each part in place: the same per-row values as normalising the
+        # whole metric first, without writing a normalised copy of all N tokens.
+        src, dst = metric.index_select(1, layout.src_pos), metric.index_select(1, layout.dst_pos)
+        src.div_(src.norm(dim=-1, keepdim=True))
+        dst.div_(dst.norm(dim=-1, keepdim=True))
+        best_score, best_dst = best_destinations(src, dst)
         # One full ranking serves both cuts: its top r and top agent_r are the two merged sets.
         ranking = best_score.argsort(dim=-1, descending=True)
         tokens = _cut(ranking, best_dst, layout, r)
