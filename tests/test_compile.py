@@ -71,6 +71,18 @@ def test_regional_compile_fullgraph_matches_eager_and_recompiles_once_per_phase(
     assert torch.allclose(_run(unet, sample, kwargs, TIMESTEPS[0]), unpatched, atol=1e-6)
 
 
+def test_regional_compile_with_every_stage_merged():
+    """merge_crossattn and merge_mlp add a processor on attn2 and a hook on ff: still one graph per block."""
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    agentsd.apply_patch(unet, ratio=0.4, merge_crossattn=True, merge_mlp=True)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    unet.compile_repeated_blocks(fullgraph=True, backend="eager")
+    for t, expected in eager.items():
+        assert torch.allclose(_run(unet, sample, kwargs, t), expected, atol=1e-4)
+    assert not counters["graph_break"]
+
+
 def test_regional_compile_survives_aot_autograd():
     unet = tiny_unet("sd1").eval()
     sample, kwargs = _inputs("sd1")
