@@ -63,15 +63,6 @@ def instance_state(pipe) -> list:
     ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine spinning threads cost 10-30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     pipe = tiny_pipeline("sd", tmp_path_factory.mktemp("sd"))
