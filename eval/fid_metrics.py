@@ -31,9 +31,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity release v0.2.0
 
 
+INSTALL_FID = 'pip install -e ".[fid]"'  # as the README says (from the repository root)
 NO_TORCH_FIDELITY = (
     "FID needs the Inception network of torch-fidelity, which is not installed: "
-    'pip install "agentsd[fid]" (the weights then download on first use; offline, also pass '
+    f"{INSTALL_FID} (the weights then download on first use; offline, also pass "
     f"--inception-weights PATH to a local {INCEPTION_FILE}), or pass --no-fid to only generate and time images."
 )
 
@@ -75,14 +76,18 @@ def build_inception(weights_path: str | Path | None = None) -> torch.nn.Module:
     return net
 
 
-def extractor_id(extractor: torch.nn.Module) -> str:
-    """A name for the extractor plus a digest of its weights: part of every cache key."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short digest of a model's weights: part of every cache key, so that other weights recompute."""
     digest = hashlib.sha1()
-    for key, value in sorted(extractor.state_dict().items()):
+    for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    name = getattr(extractor, "fid_name", type(extractor).__name__)
-    return f"{name}@{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
+
+
+def extractor_id(extractor: torch.nn.Module) -> str:
+    """A name for the extractor plus a digest of its weights: part of every cache key."""
+    return f"{getattr(extractor, 'fid_name', type(extractor).__name__)}@{weights_digest(extractor)}"
 
 
 def make_metric(extractor: torch.nn.Module, device: torch.device | str = "cpu") -> FrechetInceptionDistance:
