@@ -81,7 +81,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha1()
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
 
 

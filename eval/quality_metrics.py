@@ -6,7 +6,8 @@
   tensor, which transformers 5 no longer returns (torchmetrics issue #3407): :class:`_TensorFeatures`
   hands it the projected embedding under either version.
 * Fidelity to the SD image of the same seed, the way acceleration papers report it: PSNR (per image,
-  then averaged), SSIM (11-px Gaussian window, sigma 1.5) and LPIPS (AlexNet), all from torchmetrics
+  then averaged), SSIM (11-px Gaussian window, sigma 1.5, borders
+  reflected) and LPIPS (AlexNet), all from torchmetrics
   on images in [0, 1]. LPIPS needs torchvision for its backbone; without it LPIPS is skipped and the
   reason said (``LPIPS_UNAVAILABLE``).
 
@@ -21,6 +22,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -76,7 +78,8 @@ def load_clip(name_or_path: str) -> CLIPScore:
             "Offline, download it on a machine with network (e.g. `hf download openai/clip-vit-large-patch14`) "
             "and pass --clip-model PATH, or pass --no-clip to skip the CLIP score."
         ) from exc
-    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model.eval()), processor))
+    # sync_on_compute=False: only the main process computes metrics, also under accelerate.
+    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model.eval()), processor), sync_on_compute=False)
     metric.model_id = f"{name_or_path}@{weights_digest(model)}"
     return metric
 
@@ -151,8 +154,9 @@ def fidelity(
 
     A pair of identical images has an infinite PSNR (and so has the mean, then): it is reported as such.
     """
-    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    once = dict(sync_on_compute=False)  # only the main process computes metrics, also under accelerate
+    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), **once).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, **once).to(device)
     lpips = lpips.to(device) if lpips is not None else None
     lpips_sum, n = 0.0, 0
     with torch.inference_mode():
@@ -170,7 +174,7 @@ def fidelity(
     }
 
 
-def cached(path: Path, key: str, compute: Callable[[], dict]) -> dict:
+def cached(path: Path, key: str, compute: Callable[[], Any]) -> Any:
     """``compute()``, stored in ``path`` with ``key``; read back instead while the key matches."""
     if path.is_file():
         stored = json.loads(path.read_text())
