@@ -40,6 +40,8 @@ a killed run left are removed at the next start); a batch with any image missing
 whole. Images do not depend on the batch they ran in: every batch starts every method's randomness
 from ``--seed`` (ToMeSD draws one merge pattern per call, shared by the batch; AgentSD reseeds from
 ``(seed, timestep)``), so batch size, resumes and sharding change no pixel beyond float rounding.
+CA-ToMe is the exception (each image merges as many tokens as the most similar image of its batch):
+its settings record the batch size, and a resume with another one is refused.
 Sharding: ``accelerate launch --num_processes 8 eval/fid.py ...`` gives batch k to process
 ``k % num_processes`` (one GPU each); the main process waits for the others, then computes the
 metrics and writes the tables. Several CPU processes: ``accelerate launch --multi_gpu --num_processes
@@ -175,7 +177,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
     """Every check that can fail, before any model is loaded or file written; errors name the flag."""
     try:
         args.methods = registry.resolve_methods(args.methods, timing=False)
-    except ValueError as exc:
+        args.options = registry.options_from(args)
+    except ValueError as exc:  # it names the flag
         p.error(str(exc))
     for r in args.ratios:
         if not 0.0 <= r < 1.0:
@@ -198,7 +201,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
         p.error(f"--size: width and height must be multiples of 8, got {w}x{h}")
     args.width, args.height = w, h
     check_prompts(p, args)
-    args.options = registry.options_from(args)
 
     try:
         args.device = torch.device(args.device) if args.device else state.device
@@ -287,11 +289,23 @@ def protocol(args) -> dict:
     return {key: getattr(args, key) for key in keys}
 
 
+def batch_dependent(run: Run) -> bool:
+    """Whether an image of ``run`` depends on the other images of its batch.
+
+    CA-ToMe merges, in every image, as many tokens as the image of the batch (guidance halves included)
+    with the most pairs above its threshold. Every other method's images are independent of their batch
+    (the tests check each one).
+    """
+    return registry.CA_TOME in run.method.parts
+
+
 def run_settings(args, run: Run) -> dict:
-    """Everything that decides the pixels of image i (not the image count, batch size or device)."""
+    """Everything that decides the pixels of image i (not the image count or device; the batch size only
+    where the method makes an image depend on its batch)."""
     digest = hashlib.sha1("\n".join(args.prompt_list).encode()).hexdigest()[:12]
     prompts = f"{len(args.prompt_list)} prompts, sha1 {digest}"
-    return {**run.method.settings(run.ratio, args.options), **protocol(args), "prompts": prompts}
+    batch = {"batch_size": args.batch_size} if batch_dependent(run) else {}
+    return {**run.method.settings(run.ratio, args.options), **protocol(args), "prompts": prompts, **batch}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 # A sibling module: eval/ is on sys.path wherever this one is imported.
 from atomic_write import atomic_path  # isort: skip
@@ -95,6 +98,8 @@ def make_metric(extractor: torch.nn.Module, device: torch.device | str = "cpu") 
 
     ``sync_on_compute=False``: only the main process ever touches it, also under accelerate.
     """
+    from torchmetrics.image.fid import FrechetInceptionDistance  # imported on use: a bad flag fails in a second
+
     metric = FrechetInceptionDistance(
         feature=extractor, reset_real_features=True, normalize=False, sync_on_compute=False
     )
@@ -147,6 +152,8 @@ def frechet_distance(a: Stats, b: Stats) -> float:
     """torchmetrics' FID formula (||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b))) in float64."""
     if a.mu.shape != b.mu.shape:
         raise FidSetupError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (another extractor?)")
+    from torchmetrics.image.fid import _compute_fid
+
     t = lambda x: torch.from_numpy(np.asarray(x, np.float64))  # noqa: E731
     return float(_compute_fid(t(a.mu), t(a.sigma), t(b.mu), t(b.sigma)))
 

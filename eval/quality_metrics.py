@@ -22,14 +22,15 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchmetrics.multimodal.clip_score import CLIPScore
 
 from atomic_write import atomic_path  # isort: skip
 from fid_metrics import FidSetupError, files_key, load_image, weights_digest  # isort: skip
+
+if TYPE_CHECKING:  # torchmetrics is imported on use, so that a bad flag fails in a second
+    from torchmetrics.multimodal.clip_score import CLIPScore
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # torchmetrics' default, the usual choice in papers
 LPIPS_UNAVAILABLE = (
@@ -68,6 +69,7 @@ def load_clip(name_or_path: str) -> CLIPScore:
     Loading happens here, before any image is generated, so that an offline run without the weights
     stops at once; the message names ``--clip-model`` and ``--no-clip``.
     """
+    from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
     try:
@@ -154,6 +156,8 @@ def fidelity(
 
     A pair of identical images has an infinite PSNR (and so has the mean, then): it is reported as such.
     """
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
     once = dict(sync_on_compute=False)  # only the main process computes metrics, also under accelerate
     psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), **once).to(device)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0, **once).to(device)
