@@ -262,6 +262,34 @@ def test_bad_input_fails_before_anything_runs(model, tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists()  # nothing written, not even the output folder
 
 
+def test_help_lists_the_registry_and_timing_only_methods_are_refused(model, tmp_path, monkeypatch, capsys):
+    text = " ".join(fid.build_parser().format_help().split())
+    timing_only = [n for n, m in registry.METHODS.items() if m.timing_only]
+    for name, method in registry.METHODS.items():
+        assert (f" {name}: " in text) != method.timing_only, name
+    assert "(default: sd tomesd agentsd)" in text
+    assert "(default: None)" not in text and "(default: CONFIG_3) (default" not in text  # each default once
+    monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model despite bad input"))
+    for name in timing_only:
+        with pytest.raises(SystemExit):
+            fid.main(argv(model, tmp_path / "out", "--methods", f"sd,{name}"))
+        assert f"--methods: {name!r} only measures speed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_method_that_cannot_run_here_is_refused_before_anything_runs(model, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    missing = dataclasses.replace(registry.TOMESD, package="no_such_package_here", install="no-such-package")
+    monkeypatch.setitem(registry.METHODS, "tomesd", dataclasses.replace(registry.METHODS["tomesd"], parts=(missing,)))
+    monkeypatch.setattr(fid, "load_pipeline", lambda args: pytest.fail("loaded the model despite a missing package"))
+    with pytest.raises(SystemExit):
+        fid.main(argv(model, tmp_path / "out", "--methods", "sd,tomesd"))
+    err = capsys.readouterr().err
+    assert "--methods: method 'tomesd' cannot run here" in err and "no-such-package" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompts_follow_the_protocol(model, tmp_path):
     parser = fid.build_parser()
     args = parser.parse_args(["--out", str(tmp_path), "--no-fid", "--device", "cpu", "--methods", "sd"])
