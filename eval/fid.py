@@ -353,7 +353,7 @@ def generate(pipe, run: Run, args, state) -> None:
         return
     cuda = args.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(args.device)) if cuda else (lambda: None)
-    peak = [0]
+    peak: list[int | None] = [None]  # read at each step end, before the VAE decodes
 
     def on_step_end(_pipe, _step, _t, _kwargs):
         if cuda:
@@ -387,7 +387,7 @@ def generate(pipe, run: Run, args, state) -> None:
                     sync()
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(args.device)
-                        base = peak[0] = torch.cuda.memory_allocated(args.device)
+                        base, peak[0] = torch.cuda.memory_allocated(args.device), None
                     t0 = time.perf_counter()
                     images = call(
                         prompt=prompts,
@@ -400,7 +400,7 @@ def generate(pipe, run: Run, args, state) -> None:
                     ).images
                     sync()
                     seconds = time.perf_counter() - t0
-            if cuda and not extra:
+            if cuda and peak[0] is None:  # the loop took no step callback: the peak includes decoding
                 peak[0] = torch.cuda.max_memory_allocated(args.device)
             for i, image in zip(idx, images):
                 with atomic_path(image_path(folder, i)) as tmp:
