@@ -586,24 +586,37 @@ def write_reports(args, rows: list[dict], models: dict, notes: list[str]) -> Non
 
 
 def plot(path: Path, rows: list[dict]) -> None:
-    """One panel per measured metric: the metric against seconds per image, one point per method."""
+    """One panel per measured metric, against seconds per image; one marker per method, one legend for all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [q for q in QUALITY if any(r[q[0]] is not None and math.isfinite(r[q[0]]) for r in rows)]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 4), squeeze=False)
-    for ax, (key, name, _, better) in zip(axes[0], panels):
+    panels = [q for q in QUALITY if any(r[q[0]] is not None and math.isfinite(r[q[0]]) for r in rows)] or QUALITY[:1]
+    cols = min(len(panels), 3)
+    spare = -len(panels) % cols  # an empty panel holds the legend; else it goes below
+    legend_in = 0.0 if spare else 0.3 + 0.22 * -(-len(rows) // 3)
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.3 * cols, 3.6 * n_rows + legend_in), squeeze=False)
+    style = {r["label"]: (f"C{k % 10}", "os^Dv<>ph*"[k // 10 % 10]) for k, r in enumerate(rows)}
+    for ax, (key, name, _, better) in zip(axes.flat, panels):
         for r in rows:
             x, y = r["sec_per_image"], r[key]
             if x is not None and y is not None and math.isfinite(y):
-                ax.scatter(x, y, s=40)
-                ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                color, marker = style[r["label"]]
+                ax.scatter(x, y, s=45, color=color, marker=marker)
         ax.set(xlabel="seconds per image", ylabel=name, title=f"{name} ({better} is better)")
         ax.grid(alpha=0.3)
-        ax.margins(0.25)
-    fig.tight_layout()
+        ax.margins(0.15)
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=label) for label, (c, m) in style.items()]
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if spare:
+        axes.flat[len(panels)].legend(handles=handles, loc="center", fontsize=8, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
