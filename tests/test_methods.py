@@ -238,6 +238,9 @@ def test_help_lists_every_method_and_knob_with_defaults():
         assert "--" + f.name.replace("_", "-") in text
     assert "(default: sd agentsd)" in text and "(default: 3)" in text and "(default: CONFIG_3)" in text
     assert "ceiling" not in parser(timing=False).format_help()
+    with_defaults = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_method_arguments(with_defaults, default=["sd"])
+    assert with_defaults.format_help().count("(default:") == 1 + len(dataclasses.fields(m.MethodOptions))
 
 
 def test_flags_choose_the_options_and_bad_values_name_the_flag():
