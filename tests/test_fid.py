@@ -200,6 +200,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
+    from atomic_write import remove_stale_temporaries
+
+    (tmp_path / "images").mkdir()
+    dead, alive = tmp_path / "images" / ".00001.png.99999999.tmp", tmp_path / ".results.json.1.tmp"  # pid 1 lives
+    mine, image = tmp_path / f".settings.json.{os.getpid()}.tmp", tmp_path / "images" / "00001.png"
+    for path in (dead, alive, mine, image):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert alive.exists() and mine.exists() and image.exists()
+
+
 def test_other_settings_in_the_same_folder_are_refused(first_run, model, capsys):
     out, _, _ = first_run
     with pytest.raises(SystemExit):
