@@ -26,3 +26,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries that a killed process left under ``folder``; return what was removed.
+
+    A temporary whose process is still alive (another run writing into the same folder) is kept:
+    removing it would make that process's rename fail.
+    """
+    removed = []
+    for tmp in folder.rglob(".*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or a pid out of range)
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

@@ -1,43 +1,56 @@
 #!/usr/bin/env python
-"""FID of SD, ToMeSD and AgentSD under the published protocol: ``python eval/fid.py --ratio 0.4``.
+"""Quality of every registered method on the same seeds: ``python eval/fid.py --ratio 0.4``.
+
+FID (the paper's protocol), CLIP score, and PSNR / SSIM / LPIPS against the SD image of the same
+seed, beside the time per image; the methods are ``eval/methods.py``'s (``--help`` lists them).
 
 Defaults (the paper's): SD v1.5 from the hub, PNDM (PLMS) 50 steps, guidance 7.5, 512x512, 2 images
 for each of the 1,000 ImageNet-1k classes, prompt "A high quality photograph of a {class}.", fp16 on
-CUDA. Image i has class ``i % 1000`` and its initial noise comes from
+CUDA. ``--prompts FILE`` takes one prompt a line instead (e.g. COCO captions; one image each unless
+``--images-per-class``). Image i has prompt ``i % P`` and its initial noise comes from
 ``torch.Generator("cpu").manual_seed(seed + i)`` whatever its batch, process and method (CPU noise,
-so that the noise is the same on every device). Methods differ only by their attention.
+so that the noise is the same on every device).
 
 Output (``--out``, default ``fid-results``)::
 
-    images/sd/00000.png ...          one folder per method and ratio (tomesd-r0.40, agentsd-r0.40)
+    images/sd/00000.png ...          one folder per method and ratio (tomesd-r0.4, agentsd-r0.4)
     images/<run>/settings.json       what made the images; a rerun with other settings is refused
-    images/<run>/timing-*.json       one timing record per process and run that generated images
-    cache/*.npz                      Inception statistics (reference and each image set), keyed
-    results.json results.csv results.md fid_vs_time.png
+    images/<run>/timing-*.json       one timing record per process and run, rewritten after every batch
+    cache/*                          Inception statistics, CLIP scores, fidelity scores, keyed by their inputs
+    results.json results.csv results.md quality_vs_time.png
 
 Measurements:
 * s/img: wall time of the pipeline calls (``torch.cuda.synchronize`` around each batch, PNG saving
   excluded) summed over every process and rerun, divided by the images they made, i.e. seconds per
   image on one device. The first batch of each process and run is a warm-up: kept, not timed
-  (unless it is the only batch).
+  (unless it is the only batch). Each batch's time is recorded as soon as its images are saved, so a
+  killed run keeps the time of what it finished.
 * GB/img (CUDA only; "n/a" elsewhere): ``torch.cuda.max_memory_allocated`` during the denoising loop
   (read at every step end, so before VAE decoding) minus the memory allocated before the call,
   divided by the batch size; the largest over the timed batches. The paper instead reports the growth
   of peak memory when the batch grows by one image; both remove the fixed cost of the weights.
 * FID: torchmetrics' FrechetInceptionDistance features (torch-fidelity's Inception, TF 2015 weights)
   and its formula; "FID vs SD" compares each method with the SD images of the same seeds.
+* CLIP score (``--clip-model``, torchmetrics' default ViT-L/14; ``--no-clip`` skips it) of each image
+  with its prompt; PSNR, SSIM and LPIPS (AlexNet; needs torchvision, else skipped with a note;
+  ``--no-lpips``) of each image against the SD image of the same seed (see ``quality_metrics.py``).
 
-Resumable: finished images are skipped, each written under a temporary name and renamed; a batch with
-any image missing is made again whole (so the token-merging randomness, seeded per batch, repeats).
+Resumable: finished images are skipped, each written under a temporary name and renamed (temporaries
+a killed run left are removed at the next start); a batch with any image missing is made again
+whole. Images do not depend on the batch they ran in: every batch starts every method's randomness
+from ``--seed`` (ToMeSD draws one merge pattern per call, shared by the batch; AgentSD reseeds from
+``(seed, timestep)``), so batch size, resumes and sharding change no pixel beyond float rounding.
+CA-ToMe is the exception (each image merges as many tokens as the most similar image of its batch):
+its settings record the batch size, and a resume with another one is refused.
 Sharding: ``accelerate launch --num_processes 8 eval/fid.py ...`` gives batch k to process
-``k % num_processes`` (one GPU each); the main process waits for the others, then computes FID and
-writes the tables. Several CPU processes: ``accelerate launch --multi_gpu --num_processes 2 eval/fid.py
---device cpu`` (torchrun with gloo; accelerate's ``--cpu`` alone starts one process unless mpirun is
-installed). Images do not depend on the process count, up to float rounding of the thread count.
+``k % num_processes`` (one GPU each); the main process waits for the others, then computes the
+metrics and writes the tables. Several CPU processes: ``accelerate launch --multi_gpu --num_processes
+2 eval/fid.py --device cpu`` (torchrun with gloo; accelerate's ``--cpu`` alone starts one process
+unless mpirun is installed).
 
-Errors: bad flags stop the run before the model is loaded, with a message that names the flag;
-``--dtype float16`` on the CPU is refused (no fallback). The safety checker is off (it would blank
-images and bias FID).
+Errors: bad flags, missing packages and unloadable metric models stop the run before the pipeline is
+loaded or anything is written, with a message that names the flag; ``--dtype float16`` on the CPU is
+refused (no fallback). The safety checker is off (it would blank images and bias the metrics).
 """
 
 from __future__ import annotations
@@ -45,14 +58,13 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib.util
 import inspect
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -61,11 +73,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import fid_metrics as fm  # noqa: E402
-from atomic_write import atomic_path  # noqa: E402
+import methods as registry  # noqa: E402
+import quality_metrics as qm  # noqa: E402
+from atomic_write import atomic_path, remove_stale_temporaries  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-METHODS = ("sd", "tomesd", "agentsd")
-LABELS = {"sd": "SD", "tomesd": "ToMeSD", "agentsd": "AgentSD"}
+DEFAULT_TEMPLATE = "A high quality photograph of a {}."
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
@@ -78,38 +91,29 @@ SCHEDULERS = {
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Published (SD v1.5, 2,000 images, RTX 4090): (FID, s/img, GB/img), keyed by (method, ratio).
 PAPER = {
-    ("sd", 0.0): (28.84, 2.62, 3.13),
+    ("sd", None): (28.84, 2.62, 3.13),
     ("tomesd", 0.4): (28.74, 1.71, 1.69),
     ("agentsd", 0.4): (28.15, 1.54, 1.55),
     ("agentsd", 0.5): (28.42, 1.42, 1.21),
 }
-
-
-@dataclass(frozen=True)
-class Run:
-    method: str
-    ratio: float = 0.0
-
-    @property
-    def name(self) -> str:
-        if self.method == "sd":
-            return "sd"
-        r = f"{self.ratio:.6f}".rstrip("0")
-        return f"{self.method}-r{r if len(r.split('.')[1]) >= 2 else f'{self.ratio:.2f}'}"
-
-    @property
-    def label(self) -> str:
-        return LABELS[self.method] + ("" if self.method == "sd" else f" r={self.ratio:g}")
+Run = registry.Variant
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not for ``None`` (the help says what happens) nor where the help gives it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fid.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     a = p.add_argument
     a(
         "--ratio",
@@ -118,23 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         default=[0.4],
-        help="token-merging ratio(s), in [0, 1)",
+        help="token-merging ratio(s), in [0, 1), for the methods that merge",
     )
-    a("--methods", nargs="+", default=list(METHODS), help=f"any of {', '.join(METHODS)} (space or comma separated)")
+    registry.add_method_arguments(p, default=("sd", "tomesd", "agentsd"), timing=False)
     a("--model", default=DEFAULT_MODEL, help="hub id or local folder of a diffusers pipeline")
     a("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
     a("--steps", type=int, default=50, help="denoising steps")
     a("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     a("--size", default="512", help="N (square) or WIDTHxHEIGHT, in pixels")
-    a("--images-per-class", type=int, default=2, help="images of each class")
+    a(
+        "--images-per-class",
+        type=int,
+        default=None,
+        help="images of each class (default 2, the paper's) or of each --prompts line (default 1)",
+    )
     a(
         "--num-images",
         type=int,
         default=None,
-        help="total image count (overrides --images-per-class); image i has class i %% C",
+        help="total image count (overrides --images-per-class); image i has prompt i %% P",
     )
     a("--classes", default=None, help="class-name file, one a line (default: ImageNet-1k, shipped with agentsd)")
-    a("--prompt", default="A high quality photograph of a {}.", help="prompt template; {} is the class name")
+    a("--prompt", default=DEFAULT_TEMPLATE, help="prompt template; {} is the class name")
+    a(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="one prompt a line (e.g. COCO captions), instead of classes in --prompt",
+    )
     a("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     a("--batch-size", type=int, default=4, help="images per pipeline call (and per timing/memory sample)")
     a("--device", default=None, help="cuda, cuda:1, cpu, mps (default: accelerate's device for this process)")
@@ -146,29 +161,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of real images (centre-cropped and resized to --size), or a .npz with mu and sigma (pytorch-fid)",
     )
     a("--inception-weights", default=None, help=f"local {fm.INCEPTION_FILE} instead of downloading it")
-    a("--fid-batch-size", type=int, default=50, help="images per feature-extractor call")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-loading workers for FID")
-    a("--no-fid", action="store_true", help="only generate and time images")
+    a("--fid-batch-size", type=int, default=50, help="images per feature-extractor (and CLIP, LPIPS) call")
+    a(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="image-loading workers for the metrics (0: none)",
+    )
+    a("--no-fid", action="store_true", help="skip FID (no torch-fidelity needed)")
+    a("--clip-model", default=qm.DEFAULT_CLIP, help="CLIP model for the CLIP score: hub id or local folder")
+    a("--no-clip", action="store_true", help="skip the CLIP score (no CLIP weights needed)")
+    a("--no-lpips", action="store_true", help="skip LPIPS (otherwise computed when torchvision is installed)")
     return p
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> None:
-    """Every check that can fail, before any model is loaded or image generated; errors name the flag."""
-    args.methods = [m.strip() for item in args.methods for m in item.split(",") if m.strip()]
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    args.methods = sorted(set(args.methods), key=METHODS.index)
+    """Every check that can fail, before any model is loaded or file written; errors name the flag."""
+    try:
+        args.methods = registry.resolve_methods(args.methods, timing=False)
+        args.options = registry.options_from(args)
+    except ValueError as exc:  # it names the flag
+        p.error(str(exc))
     for r in args.ratios:
         if not 0.0 <= r < 1.0:
             p.error(f"--ratio: {r} is outside [0, 1)")
     if args.scheduler not in SCHEDULERS:
         p.error(f"--scheduler: unknown scheduler {args.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-    for flag in ("steps", "images_per_class", "batch_size", "fid_batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
-    if args.num_images is not None and args.num_images < 1:
-        p.error(f"--num-images: must be at least 1, got {args.num_images}")
+    for flag in ("steps", "batch_size", "fid_batch_size", "images_per_class", "num_images"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')}: must be at least 1, got {value}")
+    if args.workers < 0:
+        p.error(f"--workers: must be 0 (load images in the main process) or more, got {args.workers}")
+    if not math.isfinite(args.guidance):
+        p.error(f"--guidance: must be a finite number, got {args.guidance}")
     try:
         w, h = (int(v) for v in args.size.lower().split("x")) if "x" in args.size.lower() else (int(args.size),) * 2
     except ValueError:
@@ -176,12 +202,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
     if w < 8 or h < 8 or w % 8 or h % 8:
         p.error(f"--size: width and height must be multiples of 8, got {w}x{h}")
     args.width, args.height = w, h
-    if "{}" not in args.prompt:
-        p.error("--prompt: the template needs a {} where the class name goes")
-    classes = Path(args.classes) if args.classes else Path(str(files("agentsd") / "data" / "imagenet1k_classes.txt"))
-    if not classes.is_file():
-        p.error(f"--classes: no such file {classes}")
-    args.class_names = [c.strip() for c in classes.read_text().splitlines() if c.strip()]
+    check_prompts(p, args)
 
     try:
         args.device = torch.device(args.device) if args.device else state.device
@@ -198,21 +219,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
     if args.dtype == "float16" and args.device.type == "cpu":
         p.error("--dtype: float16 is not supported on the CPU; use --dtype float32 (or bfloat16)")
 
-    if "tomesd" in args.methods:
-        if importlib.util.find_spec("tomesd") is None:
-            p.error('--methods: tomesd needs the tomesd package: pip install "agentsd[eval]"')
-    if "agentsd" in args.methods and importlib.util.find_spec("agentsd") is None:
-        p.error('--methods: agentsd is not installed: pip install -e ".[eval]" from the repository root')
-
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        p.error(f"--out: cannot write to {out}: {exc.strerror or exc}")
-    args.out = out
+    args.out = Path(args.out)
+    existing = next(q for q in (args.out, *args.out.parents) if q.exists())  # nothing is created before the run
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"--out: cannot write to {args.out}: {existing} is not a writable folder")
 
     if args.reference:
         ref = Path(args.reference)
@@ -229,16 +239,15 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
     if args.inception_weights and not Path(args.inception_weights).is_file():
         p.error(f"--inception-weights: no such file {args.inception_weights}")
 
-    args.total = args.num_images or args.images_per_class * len(args.class_names)
     if args.total < 2 and not args.no_fid:
         p.error("--num-images: FID needs at least 2 images (or pass --no-fid)")
-    args.runs = [Run("sd")] if "sd" in args.methods else []
-    args.runs += [Run(m, r) for m in ("tomesd", "agentsd") if m in args.methods for r in dict.fromkeys(args.ratios)]
+    args.runs = registry.variants(args.methods, args.ratios)
     for run in args.runs:
         settings_file = args.out / "images" / run.name / "settings.json"
         if settings_file.is_file():
             old, new = json.loads(settings_file.read_text()), run_settings(args, run)
             diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+            diff += [f"{k}: {old[k]!r} -> (none)" for k in old if k not in new]
             if diff:
                 p.error(
                     f"--out: {settings_file.parent} holds images made with other settings ({'; '.join(diff)}); "
@@ -246,16 +255,59 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
                 )
 
 
+def check_prompts(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.prompts``, the prompt of each image index modulo its length, and ``args.total``."""
+    if args.prompts is not None:
+        if args.classes is not None or args.prompt != DEFAULT_TEMPLATE:
+            p.error("--prompts: a prompt file replaces --classes and --prompt; pass one or the other")
+        path = Path(args.prompts)
+        if not path.is_file():
+            p.error(f"--prompts: no such file {path}")
+        args.prompt_list = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not args.prompt_list:
+            p.error(f"--prompts: {path} holds no prompt (one a line)")
+        args.prompt_source, per_prompt = str(path), 1
+    else:
+        if "{}" not in args.prompt:
+            p.error("--prompt: the template needs a {} where the class name goes")
+        shipped = Path(str(files("agentsd") / "data" / "imagenet1k_classes.txt"))
+        classes = Path(args.classes) if args.classes else shipped
+        if not classes.is_file():
+            p.error(f"--classes: no such file {classes}")
+        names = [c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
+        if not names:
+            p.error(f"--classes: {classes} holds no class name (one a line)")
+        args.prompt_list = [args.prompt.format(name) for name in names]
+        args.prompt_source, per_prompt = (
+            f"{'ImageNet-1k' if classes == shipped else classes} classes in {args.prompt!r}",
+            2,
+        )
+    args.total = args.num_images or (args.images_per_class or per_prompt) * len(args.prompt_list)
+
+
 def protocol(args) -> dict:
-    """The generation protocol shared by every method: model, sampler, size, dtype, seed, prompt."""
-    keys = ("model", "scheduler", "steps", "guidance", "width", "height", "dtype", "seed", "prompt")
+    """The generation protocol shared by every method: model, sampler, size, dtype, seed."""
+    keys = ("model", "scheduler", "steps", "guidance", "width", "height", "dtype", "seed")
     return {key: getattr(args, key) for key in keys}
 
 
+def batch_dependent(run: Run) -> bool:
+    """Whether an image of ``run`` depends on the other images of its batch.
+
+    CA-ToMe merges, in every image, as many tokens as the image of the batch (guidance halves included)
+    with the most pairs above its threshold. Every other method's images are independent of their batch
+    (the tests check each one).
+    """
+    return registry.CA_TOME in run.method.parts
+
+
 def run_settings(args, run: Run) -> dict:
-    """Everything that decides the pixels of image i (not the image count, batch size or device)."""
-    classes = hashlib.sha1("\n".join(args.class_names).encode()).hexdigest()[:12]
-    return {"method": run.method, "ratio": run.ratio, **protocol(args), "classes": classes}
+    """Everything that decides the pixels of image i (not the image count or device; the batch size only
+    where the method makes an image depend on its batch)."""
+    digest = hashlib.sha1("\n".join(args.prompt_list).encode()).hexdigest()[:12]
+    prompts = f"{len(args.prompt_list)} prompts, sha1 {digest}"
+    batch = {"batch_size": args.batch_size} if batch_dependent(run) else {}
+    return {**run.method.settings(run.ratio, args.options), **protocol(args), "prompts": prompts, **batch}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,30 +331,9 @@ def load_pipeline(args):
     return pipe.to(args.device)
 
 
-def apply_method(pipe, run: Run, seed: int) -> None:
-    """Patch ``pipe`` for ``run`` before every batch, so that its random destination choice repeats.
-
-    tomesd forks the global RNG when first called after a patch (the caller seeds that with
-    ``seed + first index of the batch``); agentsd takes ``seed`` and reseeds itself at every UNet call.
-    """
-    if run.method == "tomesd":
-        import tomesd
-
-        tomesd.apply_patch(pipe, ratio=run.ratio)
-    elif run.method == "agentsd":
-        import agentsd
-
-        agentsd.apply_patch(pipe, ratio=run.ratio, seed=seed)  # reseeded from (seed, timestep) at every UNet call
-
-
-def remove_method(pipe, run: Run) -> None:
-    if run.method != "sd":
-        __import__(run.method).remove_patch(pipe)
-
-
 def prompt_for(args, i: int) -> str:
-    """Image i shows class ``i % C``: any prefix of the image list spreads over the classes."""
-    return args.prompt.format(args.class_names[i % len(args.class_names)])
+    """Image i has prompt ``i % P``: any prefix of the image list spreads over the classes (or prompts)."""
+    return args.prompt_list[i % len(args.prompt_list)]
 
 
 def image_path(folder: Path, i: int) -> Path:
@@ -310,18 +341,19 @@ def image_path(folder: Path, i: int) -> Path:
 
 
 def generate(pipe, run: Run, args, state) -> None:
-    """Make this process's missing images of ``run``, and record how long they took."""
+    """Make this process's missing images of ``run``; record each batch's time as soon as it is saved."""
     from tqdm.auto import tqdm
 
     folder = args.out / "images" / run.name
-    folder.mkdir(parents=True, exist_ok=True)
     n, b = args.total, args.batch_size
     batches = [list(range(s, min(s + b, n))) for s in range(0, n, b)]
     mine = [idx for k, idx in enumerate(batches) if k % state.num_processes == state.process_index]
     todo = [idx for idx in mine if not all(image_path(folder, i).exists() for i in idx)]
+    if not todo:
+        return
     cuda = args.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(args.device)) if cuda else (lambda: None)
-    peak = [0]
+    peak: list[int | None] = [None]  # read at each step end, before the VAE decodes
 
     def on_step_end(_pipe, _step, _t, _kwargs):
         if cuda:
@@ -333,99 +365,103 @@ def generate(pipe, run: Run, args, state) -> None:
         if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
         else {}
     )
-    records = []
-    bar = tqdm(
-        total=sum(map(len, todo)),
-        desc=f"{run.name} [{state.process_index}]",
-        unit="img",
-        disable=not todo,
-        position=state.process_index,
-    )
-    try:
+    record = {
+        "device": torch.cuda.get_device_name(args.device) if cuda else str(args.device),
+        "process": state.process_index,
+        "batch_size": b,
+        "batches": [],  # {"images": [...], "seconds": s, "peak_bytes_per_image": m}; the first is a warm-up
+    }
+    record_path = folder / f"timing-{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{os.getpid()}.json"
+    with tqdm(
+        total=sum(map(len, todo)), desc=f"{run.name} [{state.process_index}]", unit="img", position=state.process_index
+    ) as bar:
         for idx in todo:
+            # The same randomness for every batch: ToMeSD forks the global RNG at its first call after a
+            # patch and draws one merge pattern per call for the whole batch, so a seed per batch would
+            # make an image depend on the batch it ran in.
             with torch.random.fork_rng(devices=[args.device] if cuda else []):
-                torch.manual_seed(args.seed + idx[0])
-                apply_method(pipe, run, args.seed)
-                prompts = [prompt_for(args, i) for i in idx]
-                gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
-                sync()
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(args.device)
-                    base = peak[0] = torch.cuda.memory_allocated(args.device)
-                t0 = time.perf_counter()
-                images = pipe(
-                    prompt=prompts,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    height=args.height,
-                    width=args.width,
-                    generator=gens,
-                    **extra,
-                ).images
-                sync()
-                seconds = time.perf_counter() - t0
-            if cuda and not extra:
+                torch.manual_seed(args.seed)
+                with run.method.applied(pipe, ratio=run.ratio, seed=args.seed, options=args.options) as call:
+                    prompts = [prompt_for(args, i) for i in idx]
+                    gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
+                    sync()
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(args.device)
+                        base, peak[0] = torch.cuda.memory_allocated(args.device), None
+                    t0 = time.perf_counter()
+                    images = call(
+                        prompt=prompts,
+                        num_inference_steps=args.steps,
+                        guidance_scale=args.guidance,
+                        height=args.height,
+                        width=args.width,
+                        generator=gens,
+                        **extra,
+                    ).images
+                    sync()
+                    seconds = time.perf_counter() - t0
+            if cuda and peak[0] is None:  # the loop took no step callback: the peak includes decoding
                 peak[0] = torch.cuda.max_memory_allocated(args.device)
-            records.append((idx, seconds, (peak[0] - base) / len(idx) if cuda else None))
             for i, image in zip(idx, images):
                 with atomic_path(image_path(folder, i)) as tmp:
                     image.save(tmp, format="PNG")
-            bar.update(len(idx))
-    finally:
-        bar.close()
-        remove_method(pipe, run)
-        timed = records[1:] if len(records) > 1 else records  # the first batch is a warm-up
-        if timed:
-            full = [m for idx, _, m in timed if m is not None and len(idx) == b]  # a short last batch overstates
-            mem = full or [m for _, _, m in timed if m is not None]
-            record = {
-                "images": sum(len(i) for i, _, _ in timed),
-                "seconds": sum(s for _, s, _ in timed),
-                "peak_bytes_per_image": max(mem) if mem else None,
-                "batch_size": b,
-                "device": torch.cuda.get_device_name(args.device) if cuda else str(args.device),
-                "process": state.process_index,
-                "generated": [i for idx, _, _ in records for i in idx],
-            }
-            name = f"timing-{time.strftime('%Y%m%d-%H%M%S')}-p{state.process_index}-{os.getpid()}.json"
-            with atomic_path(folder / name) as tmp:
+            per_image = (peak[0] - base) / len(idx) if cuda else None
+            record["batches"].append({"images": idx, "seconds": seconds, "peak_bytes_per_image": per_image})
+            with atomic_path(record_path) as tmp:  # after the images: a batch is timed once it is kept
                 tmp.write_text(json.dumps(record))
+            bar.update(len(idx))
 
 
 def timing(folder: Path) -> dict:
-    """s/img and GB/img of an image folder, from all its timing records (None where unmeasured)."""
-    recs = [json.loads(f.read_text()) for f in sorted(folder.glob("timing-*.json"))]
-    images = sum(r["images"] for r in recs)
-    mem = [r["peak_bytes_per_image"] for r in recs if r.get("peak_bytes_per_image") is not None]
+    """s/img and GB/img of an image folder, from all its timing records (None where unmeasured).
+
+    The first batch of each record (a process's run) is its warm-up, left out unless it is the only one;
+    memory comes from full batches where there are any (a short last batch overstates it).
+    """
+    timed = []
+    devices = set()
+    for f in sorted(folder.glob("timing-*.json")):
+        rec = json.loads(f.read_text())
+        timed += [(bt, rec["batch_size"]) for bt in (rec["batches"][1:] or rec["batches"])]
+        devices.add(rec["device"])
+    images = sum(len(bt["images"]) for bt, _ in timed)
+    full = [bt["peak_bytes_per_image"] for bt, size in timed if len(bt["images"]) == size]
+    mem = [m for m in full or [bt["peak_bytes_per_image"] for bt, _ in timed] if m is not None]
     return {
-        "sec_per_image": sum(r["seconds"] for r in recs) / images if images else None,
+        "sec_per_image": sum(bt["seconds"] for bt, _ in timed) / images if images else None,
         "gb_per_image": max(mem) / 2**30 if mem else None,
         "timed_images": images,
-        "devices": sorted({r["device"] for r in recs}),
+        "devices": sorted(devices),
     }
 
 
 # ---------------------------------------------------------------------------------------------
-# FID and reports
+# Metrics and reports
 
 
-def evaluate(args, extractor) -> list[dict]:
-    """One row per run: FID against the reference and against SD (None without an extractor), timing."""
-    sd = Run("sd")
+def sd_paths(args, paths: dict) -> list[Path] | None:
+    """The SD images of the same seeds: this run's, or an earlier run's with the same settings."""
+    sd = Run(registry.BASELINE)
+    if sd in paths:
+        return paths[sd]
+    folder = args.out / "images" / sd.name
+    candidate = [image_path(folder, i) for i in range(args.total)]
+    settings = folder / "settings.json"
+    if settings.is_file() and all(p.exists() for p in candidate):
+        if json.loads(settings.read_text()) == run_settings(args, sd):
+            return candidate
+    return None
+
+
+def evaluate(args, extractor, clip, lpips) -> list[dict]:
+    """One row per run: FID (against the reference and SD), CLIP score, fidelity to SD, timing."""
+    sd = Run(registry.BASELINE)
     paths = {run: [image_path(args.out / "images" / run.name, i) for i in range(args.total)] for run in args.runs}
-    if sd not in paths:  # SD images of an earlier run with the same settings still serve as the baseline
-        folder = args.out / "images" / "sd"
-        candidate = [image_path(folder, i) for i in range(args.total)]
-        if (
-            (folder / "settings.json").is_file()
-            and all(p.exists() for p in candidate)
-            and json.loads((folder / "settings.json").read_text()) == run_settings(args, sd)
-        ):
-            paths[sd] = candidate
+    baseline = sd_paths(args, paths)
+    cache, opts = args.out / "cache", dict(batch_size=args.fid_batch_size, workers=args.workers)
     ref, stats = None, {}
     if extractor is not None:
         metric = fm.make_metric(extractor, args.device)
-        cache, opts = args.out / "cache", dict(batch_size=args.fid_batch_size, workers=args.workers)
         if args.reference:
             path = Path(args.reference).resolve()
             if path.suffix == ".npz":
@@ -440,23 +476,45 @@ def evaluate(args, extractor) -> list[dict]:
                     desc="reference features",
                     **opts,
                 )
+        sets = {**paths, **({sd: baseline} if baseline else {})}
         stats = {
             run: fm.image_stats(metric, ps, cache=cache / f"{run.name}.npz", desc=f"{run.name} features", **opts)
-            for run, ps in paths.items()
+            for run, ps in sets.items()
         }
-    base = timing(args.out / "images" / "sd")["sec_per_image"] if sd in paths else None
+        metric.cpu()
+    prompts = [prompt_for(args, i) for i in range(args.total)]
+    prompts_id = hashlib.sha1("\n".join(prompts).encode()).hexdigest()
+    base = timing(args.out / "images" / sd.name)["sec_per_image"] if baseline else None
     rows = []
     for run in args.runs:
+        ps = paths[run]
+        clip_score = None
+        if clip is not None:
+            clip_score = qm.cached(
+                cache / f"{run.name}-clip.json",
+                qm.pairs_key(ps, [], clip.model_id, prompts_id),
+                partial(qm.clip_score, clip, ps, prompts, device=args.device, **opts),
+            )
+        fidelity = {"psnr": None, "ssim": None, "lpips": None}
+        if baseline is not None and run != sd:
+            lpips_id = qm.weights_digest(lpips) if lpips is not None else None
+            fidelity = qm.cached(
+                cache / f"{run.name}-vs-sd.json",
+                qm.pairs_key(ps, baseline, lpips_id),
+                partial(qm.fidelity, ps, baseline, lpips, device=args.device, **opts),
+            )
         t = timing(args.out / "images" / run.name)
-        paper = PAPER.get((run.method, round(run.ratio, 4)), (None, None, None))
+        paper = PAPER.get((run.method.name, None if run.ratio is None else round(run.ratio, 4)), (None,) * 3)
         rows.append(
             {
-                "method": run.method,
+                "method": run.method.name,
                 "ratio": run.ratio,
                 "label": run.label,
-                "images": len(paths[run]),
+                "images": len(ps),
                 "fid": fm.frechet_distance(stats[run], ref) if ref is not None else None,
                 "fid_vs_sd": fm.frechet_distance(stats[run], stats[sd]) if sd in stats and run != sd else None,
+                "clip_score": clip_score,
+                **fidelity,
                 **t,
                 "speedup_vs_sd": base / t["sec_per_image"] if base and t["sec_per_image"] else None,
                 "paper_fid": paper[0],
@@ -471,85 +529,138 @@ def fmt(v, digits=2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def write_reports(args, rows: list[dict], extractor_name: str | None) -> None:
+# (row key, table heading, digits, "lower"/"higher" is better); the plot draws the first five.
+QUALITY = [
+    ("fid", "FID", 2, "lower"),
+    ("fid_vs_sd", "FID vs SD", 2, "lower"),
+    ("clip_score", "CLIP score", 2, "higher"),
+    ("psnr", "PSNR vs SD (dB)", 2, "higher"),
+    ("ssim", "SSIM vs SD", 4, "higher"),
+    ("lpips", "LPIPS vs SD", 4, "lower"),
+]
+
+
+def write_reports(args, rows: list[dict], models: dict, notes: list[str]) -> None:
     out = args.out
     meta = {
         **protocol(args),
+        "prompts": args.prompt_source,
         "images": args.total,
         "batch_size": args.batch_size,
         "reference": args.reference,
-        "feature_extractor": extractor_name,
+        **models,
+        "notes": notes,
         "time": "s/img: synchronized wall time of the pipeline calls / images, warm-up batch excluded, per device",
         "memory": "GB/img: (peak allocated during denoising - allocated before the call) / batch size; CUDA only",
+        "fidelity": "PSNR, SSIM, LPIPS: each image against the SD image of the same seed, averaged over images",
     }
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
-    cols = [
-        "method",
-        "ratio",
-        "images",
-        "fid",
-        "fid_vs_sd",
-        "sec_per_image",
-        "speedup_vs_sd",
-        "gb_per_image",
-        "paper_fid",
-        "paper_sec_per_image",
-        "paper_gb_per_image",
-    ]
+    cols = ["method", "ratio", "images", *(q[0] for q in QUALITY), "sec_per_image", "speedup_vs_sd", "gb_per_image"]
+    cols += ["paper_fid", "paper_sec_per_image", "paper_gb_per_image"]
     with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"FID on {args.total} images ({args.width}x{args.height}, {args.steps} {args.scheduler} steps, "
-        f"guidance {args.guidance}, {args.dtype}, model {args.model}); paper: SD v1.5, 2,000 images, RTX 4090.",
+        f"Quality on {args.total} images ({args.width}x{args.height}, {args.steps} {args.scheduler} steps, "
+        f"guidance {args.guidance}, {args.dtype}, model {args.model}, prompts: {args.prompt_source}); "
+        "paper: SD v1.5, 2,000 images, RTX 4090.",
         "",
-        "| Method | r | FID | FID vs SD | s/img | speed-up | GB/img | paper FID | paper s/img | paper GB/img |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Method | r | "
+        + " | ".join(q[1] for q in QUALITY)
+        + " | s/img | speed-up | GB/img | paper FID | paper s/img |",
+        "|---" * (len(QUALITY) + 7) + "|",
     ]
     for r in rows:
+        speedup = fmt(r["speedup_vs_sd"]) + ("x" if r["speedup_vs_sd"] else "")
+        quality = " | ".join(fmt(r[key], digits) for key, _, digits, _ in QUALITY)
         lines.append(
-            f"| {LABELS[r['method']]} | {r['ratio']:g} | {fmt(r['fid'])} | {fmt(r['fid_vs_sd'])} | "
-            f"{fmt(r['sec_per_image'], 3)} | {fmt(r['speedup_vs_sd']) + ('x' if r['speedup_vs_sd'] else '')} | "
-            f"{fmt(r['gb_per_image'])} | "
-            f"{fmt(r['paper_fid'])} | {fmt(r['paper_sec_per_image'])} | {fmt(r['paper_gb_per_image'])} |"
+            f"| {r['label']} | {fmt(r['ratio'])} | {quality} | {fmt(r['sec_per_image'], 3)} | {speedup} | "
+            f"{fmt(r['gb_per_image'])} | {fmt(r['paper_fid'])} | {fmt(r['paper_sec_per_image'])} |"
         )
-    lines += ["", meta["time"] + ".", meta["memory"] + "."]
+    lines += ["", *(f"{n}." for n in notes), meta["time"] + ".", meta["memory"] + ".", meta["fidelity"] + "."]
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    plot(out / "fid_vs_time.png", rows, use_ref=args.reference is not None)
+    plot(out / "quality_vs_time.png", rows)
 
 
-def plot(path: Path, rows: list[dict], use_ref: bool) -> None:
+def plot(path: Path, rows: list[dict]) -> None:
+    """One panel per measured metric, against seconds per image; one marker per method, one legend for all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "fid" if use_ref else "fid_vs_sd"
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        x, y = r["sec_per_image"], r[key] if r[key] is not None else (0.0 if r["method"] == "sd" else None)
-        if x is not None and y is not None:
-            ax.scatter(x, y, s=50, label=r["label"])
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("seconds per image")
-    ax.set_ylabel("FID vs reference" if use_ref else "FID vs SD (same seeds)")
-    ax.set_title("FID against time per image (lower left is better)")
-    ax.grid(alpha=0.3)
-    ax.margins(0.2)
-    fig.tight_layout()
+    panels = [q for q in QUALITY if any(r[q[0]] is not None and math.isfinite(r[q[0]]) for r in rows)] or QUALITY[:1]
+    cols = min(len(panels), 3)
+    spare = -len(panels) % cols  # an empty panel holds the legend; else it goes below
+    legend_in = 0.0 if spare else 0.3 + 0.22 * -(-len(rows) // 3)
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.3 * cols, 3.6 * n_rows + legend_in), squeeze=False)
+    style = {r["label"]: (f"C{k % 10}", "os^Dv<>ph*"[k // 10 % 10]) for k, r in enumerate(rows)}
+    for ax, (key, name, _, better) in zip(axes.flat, panels):
+        for r in rows:
+            x, y = r["sec_per_image"], r[key]
+            if x is not None and y is not None and math.isfinite(y):
+                color, marker = style[r["label"]]
+                ax.scatter(x, y, s=45, color=color, marker=marker)
+        ax.set(xlabel="seconds per image", ylabel=name, title=f"{name} ({better} is better)")
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=label) for label, (c, m) in style.items()]
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if spare:
+        axes.flat[len(panels)].legend(handles=handles, loc="center", fontsize=8, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | None = None) -> list[dict] | None:
-    """Run the experiment. ``feature_extractor`` replaces the Inception network (tests); the rest is the same."""
+def setup_models(parser, args, state, feature_extractor, lpips_net) -> tuple:
+    """The metric models, built on the main process before any image is made (so a missing one stops the
+    run at once); ``None`` where skipped, with a note saying why for LPIPS."""
+    extractor = clip = lpips = None
+    notes = []
+    try:
+        if not args.no_fid:
+            if feature_extractor is not None:
+                extractor = feature_extractor
+            elif not fm.torch_fidelity_available():
+                raise fm.FidSetupError(fm.NO_TORCH_FIDELITY)
+            elif state.is_main_process:  # may download the weights
+                extractor = fm.build_inception(args.inception_weights)
+        if not args.no_clip and state.is_main_process:
+            clip = qm.load_clip(args.clip_model)
+        if args.no_lpips:
+            notes.append("LPIPS skipped (--no-lpips)")
+        elif lpips_net is not None:
+            lpips = lpips_net
+        elif not qm.lpips_available():
+            notes.append(qm.LPIPS_UNAVAILABLE)
+        elif state.is_main_process:
+            lpips = qm.build_lpips()
+    except fm.FidSetupError as exc:
+        parser.error(str(exc))
+    return extractor, clip, lpips, notes
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    feature_extractor: torch.nn.Module | None = None,
+    lpips_net: torch.nn.Module | None = None,
+) -> list[dict] | None:
+    """Run the experiment. ``feature_extractor`` and ``lpips_net`` replace the Inception and LPIPS networks
+    (tests); the rest is the same."""
     from accelerate import PartialState
 
     parser = build_parser()
@@ -558,18 +669,10 @@ def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=args.device == "cpu" or (world > 1 and not torch.cuda.is_available()))
     check_args(parser, args, state)
-    extractor = None
-    if not args.no_fid:
-        try:
-            if feature_extractor is not None:
-                extractor = feature_extractor
-            elif not fm.torch_fidelity_available():
-                raise fm.FidSetupError(fm.NO_TORCH_FIDELITY)
-            elif state.is_main_process:  # may download the weights: before any image is made
-                extractor = fm.build_inception(args.inception_weights)
-        except fm.FidSetupError as exc:
-            parser.error(str(exc))
+    extractor, clip, lpips, notes = setup_models(parser, args, state, feature_extractor, lpips_net)
     if state.is_main_process:
+        for note in notes:
+            print(f"fid.py: {note}", flush=True)
         runs = ", ".join(r.label for r in args.runs)
         print(
             f"fid.py: {runs} | {args.model} | {args.total} images, {args.steps} {args.scheduler} steps, "
@@ -577,6 +680,8 @@ def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | 
             f"{state.num_processes} process(es) | results -> {args.out.resolve()}",
             flush=True,
         )
+        args.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(args.out)  # before any process of this run writes
         for run in args.runs:
             folder = args.out / "images" / run.name
             folder.mkdir(parents=True, exist_ok=True)
@@ -594,8 +699,15 @@ def main(argv: list[str] | None = None, *, feature_extractor: torch.nn.Module | 
         return None
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
-    rows = evaluate(args, extractor)
-    write_reports(args, rows, fm.extractor_id(extractor) if extractor is not None else None)
+    rows = evaluate(args, extractor, clip, lpips)
+    models = {
+        "feature_extractor": fm.extractor_id(extractor) if extractor is not None else None,
+        "clip_model": clip.model_id if clip is not None else None,
+        "lpips_model": f"{getattr(lpips, 'lpips_name', type(lpips).__name__)}@{qm.weights_digest(lpips)}"
+        if lpips
+        else None,
+    }
+    write_reports(args, rows, models, notes)
     print((args.out / "results.md").read_text())
     return rows
 

@@ -18,11 +18,14 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 # A sibling module: eval/ is on sys.path wherever this one is imported.
 from atomic_write import atomic_path  # isort: skip
@@ -31,9 +34,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity release v0.2.0
 
 
+INSTALL_FID = 'pip install -e ".[fid]"'  # as the README says (from the repository root)
 NO_TORCH_FIDELITY = (
     "FID needs the Inception network of torch-fidelity, which is not installed: "
-    'pip install "agentsd[fid]" (the weights then download on first use; offline, also pass '
+    f"{INSTALL_FID} (the weights then download on first use; offline, also pass "
     f"--inception-weights PATH to a local {INCEPTION_FILE}), or pass --no-fid to only generate and time images."
 )
 
@@ -75,14 +79,18 @@ def build_inception(weights_path: str | Path | None = None) -> torch.nn.Module:
     return net
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short digest of a model's weights: part of every cache key, so that other weights recompute."""
+    digest = hashlib.sha1()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def extractor_id(extractor: torch.nn.Module) -> str:
     """A name for the extractor plus a digest of its weights: part of every cache key."""
-    digest = hashlib.sha1()
-    for key, value in sorted(extractor.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    name = getattr(extractor, "fid_name", type(extractor).__name__)
-    return f"{name}@{digest.hexdigest()[:12]}"
+    return f"{getattr(extractor, 'fid_name', type(extractor).__name__)}@{weights_digest(extractor)}"
 
 
 def make_metric(extractor: torch.nn.Module, device: torch.device | str = "cpu") -> FrechetInceptionDistance:
@@ -90,6 +98,8 @@ def make_metric(extractor: torch.nn.Module, device: torch.device | str = "cpu") 
 
     ``sync_on_compute=False``: only the main process ever touches it, also under accelerate.
     """
+    from torchmetrics.image.fid import FrechetInceptionDistance  # imported on use: a bad flag fails in a second
+
     metric = FrechetInceptionDistance(
         feature=extractor, reset_real_features=True, normalize=False, sync_on_compute=False
     )
@@ -142,6 +152,8 @@ def frechet_distance(a: Stats, b: Stats) -> float:
     """torchmetrics' FID formula (||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b))) in float64."""
     if a.mu.shape != b.mu.shape:
         raise FidSetupError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (another extractor?)")
+    from torchmetrics.image.fid import _compute_fid
+
     t = lambda x: torch.from_numpy(np.asarray(x, np.float64))  # noqa: E731
     return float(_compute_fid(t(a.mu), t(a.sigma), t(b.mu), t(b.sigma)))
 

@@ -133,6 +133,6 @@ def test_reference_images_are_centre_cropped_and_resized(tmp_path):
 
 def test_without_torch_fidelity_the_message_says_what_to_install(monkeypatch):
     monkeypatch.setattr(fm, "torch_fidelity_available", lambda: False)
-    with pytest.raises(fm.FidSetupError, match=r"agentsd\[fid\]") as err:
+    with pytest.raises(fm.FidSetupError, match=r'pip install -e "\.\[fid\]"') as err:
         fm.build_inception(None)
     assert "--inception-weights" in str(err.value)
