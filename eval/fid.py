@@ -291,22 +291,12 @@ def protocol(args) -> dict:
     return {key: getattr(args, key) for key in keys}
 
 
-def batch_dependent(run: Run) -> bool:
-    """Whether an image of ``run`` depends on the other images of its batch.
-
-    CA-ToMe merges, in every image, as many tokens as the image of the batch (guidance halves included)
-    with the most pairs above its threshold. Every other method's images are independent of their batch
-    (the tests check each one).
-    """
-    return registry.CA_TOME in run.method.parts
-
-
 def run_settings(args, run: Run) -> dict:
     """Everything that decides the pixels of image i (not the image count or device; the batch size only
     where the method makes an image depend on its batch)."""
     digest = hashlib.sha1("\n".join(args.prompt_list).encode()).hexdigest()[:12]
     prompts = f"{len(args.prompt_list)} prompts, sha1 {digest}"
-    batch = {"batch_size": args.batch_size} if batch_dependent(run) else {}
+    batch = {"batch_size": args.batch_size} if run.method.batch_dependent else {}
     return {**run.method.settings(run.ratio, args.options), **protocol(args), "prompts": prompts, **batch}
 
 

@@ -49,7 +49,7 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
 
 Randomness: AgentSD reseeds its own generator from ``(seed, timestep)`` at every UNet call. tomesd
 and CA-ToMe fork the global RNG at their first UNet call after being applied, so a caller that
-wants the same images again seeds the global RNG before applying (fid.py does, once per batch).
+wants the same images again seeds the global RNG before applying (fid.py seeds it with ``--seed`` before every batch).
 
 Removal (the context's exit) runs each library's own remove, in reverse order of application.
 DeepCache, T-GATE, CA-ToMe and tomesd leave attributes behind (``forward`` wrappers and caches on
@@ -217,6 +217,8 @@ class Part:
         install: The pip arguments that install it.
         generate: ``generate(target, options) -> Generate`` where the library has its own loop.
         tidy: Drop what the library's remove leaves behind (see :class:`_Leftovers`).
+        batch_dependent: An image depends on the other images of its batch (CA-ToMe merges, in every
+            image, as many tokens as the batch's image with the most pairs above its threshold).
     """
 
     apply: Callable[[Any, float | None, int, MethodOptions], Remove]
@@ -225,6 +227,7 @@ class Part:
     install: str | None = None
     generate: Callable[[Any, MethodOptions], Generate] | None = None
     tidy: bool = True
+    batch_dependent: bool = False
 
     @property
     def distribution(self) -> str:
@@ -287,6 +290,7 @@ CA_TOME = Part(
     # Its metadata pins torch<2.2.2 and numpy<2, which it does not need; without --no-deps pip replaces torch.
     install="--no-deps ca-tome",
     generate=lambda target, options: target.call,
+    batch_dependent=True,
 )
 
 
@@ -398,6 +402,11 @@ class Method:
     needs_pipeline: bool = False
     timing_only: bool = False
     parts: tuple[Part, ...] = ()
+
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether its images depend on the batch they ran in (a resume must keep the batch size)."""
+        return any(part.batch_dependent for part in self.parts)
 
     @property
     def packages(self) -> tuple[str, ...]:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
-import torch
 from accelerate import PartialState
 from PIL import Image
 from test_fid_math import TinyExtractor
@@ -53,15 +52,6 @@ def reference(tmp_path_factory):
     for i, shape in enumerate([(40, 48, 3), (32, 32, 3), (50, 30, 3), (32, 32, 3), (36, 36, 3), (64, 40, 3)]):
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"real_{i}.jpg")
     return str(folder)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine two threads run them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -381,7 +371,7 @@ def test_images_do_not_depend_on_the_batch_they_ran_in(first_run, model, tmp_pat
     """Every method, batch size 4 against 2: the same pixels (up to float rounding of other matrix shapes);
     a method whose images depend on their batch records its batch size and refuses a resume with another."""
     single, _, _ = first_run
-    independent = [n for n in NAMES if not fid.batch_dependent(fid.Run(registry.METHODS[n], 0.4))]
+    independent = [n for n in NAMES if not registry.METHODS[n].batch_dependent]
     dependent = sorted(set(NAMES) - set(independent))
     assert set(dependent) <= {"ca-tome"}
     out = tmp_path / "out"
