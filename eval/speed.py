@@ -853,6 +853,8 @@ def plot_speedup(path: Path, rows: Sequence[Row], title: str) -> None:
 
 
 def write_outputs(out: Path, meta: dict[str, Any], rows: Sequence[Row], title: str) -> None:
+    """All three files, after each workload (created then: a run that fails to start leaves no folder)."""
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "speed.json", meta, rows)
     write_csv(out / "speed.csv", rows)
     plot_speedup(out / "speedup.png", rows, title)
@@ -940,7 +942,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     meta["args"].update(runs=[asdict(run) for run in args.runs], method_list=[m.name for m in args.method_list])
     meta["args"]["options"] = asdict(args.options)
     title = f"{args.device.type} {args.dtype}, batch {args.batch}"
-    args.out.mkdir(parents=True, exist_ok=True)
 
     rows: list[Row] = []
     for run in args.runs:
