@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_method_arguments(parser, default=[ALL])
     parser.add_argument(
+        "--baseline", default="sd", metavar="NAME", help="the method every speed-up and memory ratio is relative to"
+    )
+    parser.add_argument(
         "--ratios", type=_ratio, nargs="+", default=[0.4], metavar="R", help="merge ratios of the merging methods"
     )
     parser.add_argument("--steps", type=_int_at_least(1), default=50, help="denoising steps (pipeline mode)")
@@ -356,8 +359,11 @@ def _plan_methods(args: argparse.Namespace, runs: Sequence[Run], parser: argpars
         methods = resolve_methods(names)
     except ValueError as error:
         parser.error(f"argument {error}")
-    if METHODS["sd"] not in methods:
-        parser.error("argument --methods: must include 'sd', the baseline every speed-up is relative to")
+    if args.baseline not in [m.name for m in methods]:
+        parser.error(
+            f"argument --baseline: {args.baseline!r} is not among --methods {' '.join(m.name for m in methods)}; "
+            "every speed-up is relative to it"
+        )
     if not pipeline and (loops := [m.name for m in methods if m.needs_pipeline]):
         parser.error(
             f"argument --methods: {', '.join(loops)} run the pipeline's own loop and cannot time a bare UNet "
@@ -565,10 +571,10 @@ class Estimate:
             return
         self.shown = True
         left = (self.total - self.done) * seconds / cost + (self.blocks - 1) * compile_seconds
-        compiling = f" and {compile_seconds:.0f} s of compiling per method" if compile_seconds else ""
+        compiling = f" + {compile_seconds:.0f} s compiling per method" if compile_seconds else ""
         print(
-            f"\nspeed: {self.label}: a call took {seconds:.1f} s{compiling}; about {_duration(left)} to go "
-            f"(cost model: UNet forwards, 0.8 p + 0.2 p^2 at p = pixels/512^2, every method as fast as the first)",
+            f"\nspeed: {self.label}: first call {seconds:.1f} s{compiling}; about {_duration(left)} to go "
+            "(later calls scaled by size and steps, every method costed as the first)",
             file=sys.stderr,
             flush=True,
         )
@@ -682,7 +688,7 @@ def measure(
 
 @dataclass
 class Row:
-    """One line of the results: a variant on one workload, with ratios to the ``sd`` baseline."""
+    """One line of the results: a variant on one workload, with ratios to the baseline (``--baseline``)."""
 
     source: str
     compile: str
@@ -692,21 +698,22 @@ class Row:
     steps: int | None
     method: str
     ratio: float | None
+    baseline: str
     median_s: float
     min_s: float
     max_s: float
     speedup: float
     peak_mib_per_image: float | None
-    memory_vs_sd: float | None
+    memory_vs_baseline: float | None
     compiles: int | None
     graph_breaks: int | None
     note: str | None
     seconds: list[float]
 
 
-def rows_for(run: Run, workload: Workload, results: dict[Variant, Measurement]) -> list[Row]:
+def rows_for(run: Run, workload: Workload, results: dict[Variant, Measurement], baseline_name: str) -> list[Row]:
     unit, per = workload.unit
-    base = next(result for variant, result in results.items() if variant.method.name == "sd")
+    base = next(result for variant, result in results.items() if variant.method.name == baseline_name)
     baseline = statistics.median(base.seconds) / per
     rows = []
     for variant, result in results.items():
@@ -723,12 +730,13 @@ def rows_for(run: Run, workload: Workload, results: dict[Variant, Measurement]) 
                 steps=workload.steps if workload.mode == "pipeline" else None,
                 method=variant.name,
                 ratio=variant.ratio,
+                baseline=baseline_name,
                 median_s=median,
                 min_s=min(seconds),
                 max_s=max(seconds),
                 speedup=baseline / median,
                 peak_mib_per_image=peak,
-                memory_vs_sd=None if peak is None or not base.peak_bytes else result.peak_bytes / base.peak_bytes,
+                memory_vs_baseline=None if peak is None or not base.peak_bytes else result.peak_bytes / base.peak_bytes,
                 compiles=result.compiles,
                 graph_breaks=result.graph_breaks,
                 note=result.note,
@@ -754,7 +762,7 @@ def format_table(rows: Sequence[Row]) -> str:
     for group, members in itertools.groupby(rows, key=_group):
         members = list(members)
         compiled = group[1] != "none"
-        header = ("px", "method", "median", "min-max", "speed-up", "peak MiB/img", "mem vs sd")
+        header = ("px", "method", "median", "min-max", f"vs {members[0].baseline}", "peak MiB/img", "mem ratio")
         header += ("compiles", "breaks") if compiled else ()
         lines = [header]
         for row in members:
@@ -766,7 +774,7 @@ def format_table(rows: Sequence[Row]) -> str:
                     f"{row.min_s:.3f}-{row.max_s:.3f}",
                     f"{row.speedup:.2f}x",
                     "n/a" if row.peak_mib_per_image is None else f"{row.peak_mib_per_image:.1f}",
-                    "n/a" if row.memory_vs_sd is None else f"{row.memory_vs_sd:.2f}x",
+                    "n/a" if row.memory_vs_baseline is None else f"{row.memory_vs_baseline:.2f}x",
                 )
                 + ((str(row.compiles), str(row.graph_breaks)) if compiled else ())
             )
@@ -826,7 +834,7 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
 
 
 def plot_speedup(path: Path, rows: Sequence[Row], title: str) -> None:
-    """Speed-up over ``sd`` against resolution, one line per method, one panel per source, compile and mode."""
+    """Speed-up over the baseline against resolution, one line per method, one panel per source, compile and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -836,12 +844,13 @@ def plot_speedup(path: Path, rows: Sequence[Row], title: str) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
         members = [row for row in rows if _group(row) == group]
-        for method in dict.fromkeys(row.method for row in members if row.method != "sd"):
+        baseline = members[0].baseline
+        for method in dict.fromkeys(row.method for row in members if row.method != baseline):
             points = sorted((row.resolution, row.speedup) for row in members if row.method == method)
             ax.plot(*zip(*points), marker="o", label=method)
-        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="sd (baseline)")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=f"{baseline} (baseline)")
         ax.set_xticks(sorted({row.resolution for row in members}))
-        ax.set(xlabel="resolution (px)", ylabel="speed-up over sd", title=_group_title(group))
+        ax.set(xlabel="resolution (px)", ylabel=f"speed-up over {baseline}", title=_group_title(group))
         ax.title.set_fontsize("small")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -911,7 +920,7 @@ def measure_run(
         for workload in workloads:
             target = unet if workload.mode == "unet" else pipe
             results = measure(workload, target, unet, plans[workload.mode], args, run.compile, progress, estimate)
-            rows += rows_for(run, workload, results)
+            rows += rows_for(run, workload, results, args.baseline)
             # After every workload: an interrupted hours-long CPU run keeps what it measured.
             report(rows)
     return rows
