@@ -1,0 +1,259 @@
+"""The registry of compared methods (eval/methods.py), on the tiny pipelines of tests/tiny.py.
+
+Each method must apply, change the output, reproduce it from the same seeds, and leave the
+pipeline as it was (same outputs bit for bit, no attribute left behind); the stacks must not
+depend on the order of their parts; bad names fail naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+import methods as m  # noqa: E402
+from tiny import tiny_pipeline, tiny_unet  # noqa: E402
+
+STEPS = 5
+#: DeepCache caches on 2 of every 3 steps, T-GATE gates within the 5 steps.
+OPTIONS = m.MethodOptions(tgate_gate_step=3, tgate_warm_up=0, tgate_sp_interval=2)
+AVAILABLE = [name for name, method in m.METHODS.items() if method.unavailable() is None]
+
+
+def ratio_of(method: m.Method) -> float | None:
+    return 0.5 if method.uses_ratio else None
+
+
+def generate(call) -> torch.Tensor:
+    images = call(
+        prompt="a photo of a cat",
+        num_inference_steps=STEPS,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    return torch.from_numpy(images)
+
+
+def run(method: m.Method, pipe) -> torch.Tensor:
+    torch.manual_seed(0)  # tomesd and CA-ToMe fork the global RNG at their first call
+    with method.applied(pipe, ratio=ratio_of(method), seed=3, options=OPTIONS) as call:
+        return generate(call)
+
+
+def instance_state(pipe) -> list:
+    """Every instance attribute name (and the identity of any ``forward``) and class of the pipeline and UNet."""
+    return [
+        (type(obj), sorted(vars(obj)), id(vars(obj).get("forward")))
+        for obj in [pipe, *pipe.unet.modules(), *pipe.unet.attn_processors.values()]
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine spinning threads cost 10-30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    pipe = tiny_pipeline("sd", tmp_path_factory.mktemp("sd"))
+    base = generate(pipe)  # the first call sets the pipeline's own call state (_guidance_scale, ...)
+    return pipe, base
+
+
+def test_the_registry_holds_every_method_of_the_issue():
+    assert list(m.METHODS)[:5] == ["sd", "tomesd", "agentsd", "agent-phase", "tome-phase"]
+    for name in ("ca-tome", "deepcache", "tgate", "agentsd+deepcache", "tomesd+deepcache", "ceiling"):
+        assert name in m.METHODS
+    assert [name for name, method in m.METHODS.items() if method.timing_only] == ["ceiling"]
+    assert {name for name, method in m.METHODS.items() if method.needs_pipeline} == {
+        "ca-tome",
+        "deepcache",
+        "tgate",
+        "agentsd+deepcache",
+        "tomesd+deepcache",
+    }
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_each_method_applies_reproduces_and_removes_cleanly(sd, name):
+    pipe, base = sd
+    method = m.METHODS[name]
+    state = instance_state(pipe)
+    first = run(method, pipe)
+    assert instance_state(pipe) == state, "attributes left behind"
+    assert torch.equal(run(method, pipe), first), "not reproducible from the same seeds"
+    if method is m.BASELINE:
+        assert torch.equal(first, base)
+    else:
+        assert not torch.equal(first, base), "the method changed nothing"
+    assert torch.equal(generate(pipe), base), "the pipeline generates differently after removal"
+
+
+def test_removal_happens_even_when_the_block_raises(sd):
+    pipe, _ = sd
+    state = instance_state(pipe)
+    with pytest.raises(RuntimeError, match="boom"):
+        with m.METHODS["agentsd+deepcache"].applied(pipe, ratio=0.5, options=OPTIONS):
+            raise RuntimeError("boom")
+    assert instance_state(pipe) == state
+
+
+@pytest.mark.parametrize("name", [n for n in AVAILABLE if "+" in n])
+def test_stacks_give_the_same_output_in_either_order(sd, name):
+    pipe, _ = sd
+    method = m.METHODS[name]
+    reversed_order = dataclasses.replace(method, parts=method.parts[::-1])
+    assert torch.equal(run(reversed_order, pipe), run(method, pipe))
+
+
+@pytest.mark.parametrize("name", ["tomesd", "agentsd", "ceiling"])
+def test_unet_only_methods_patch_a_bare_unet_at_the_top_attention_level(name):
+    """SDXL has no attention at full latent resolution: each must patch the level below (max_downsample 2)."""
+    unet = tiny_unet("sdxl")
+    torch.manual_seed(1)
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+
+    def forward() -> torch.Tensor:
+        torch.manual_seed(0)
+        return unet(sample, 981, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+    base = forward()
+    method = m.METHODS[name]
+    with method.applied(unet, ratio=ratio_of(method)):
+        patched = forward()
+    assert not torch.equal(patched, base)
+    assert torch.equal(forward(), base)
+
+
+def test_the_ceiling_skips_self_attention_exactly_in_agentsds_blocks(sd):
+    import agentsd
+
+    pipe, _ = sd
+    agentsd.apply_patch(pipe)
+    expected = {f"{block.name}.attn1" for block in agentsd.patch_summary(pipe).blocks}
+    agentsd.remove_patch(pipe)
+    processors = dict(pipe.unet.named_modules())
+    before = {name: processors[name].processor for name in processors if name.endswith(("attn1", "attn2"))}
+    with m.METHODS["ceiling"].applied(pipe):
+        skipped = {name for name in before if isinstance(processors[name].processor, m.SkipAttention)}
+    assert skipped == expected and expected
+    assert all(processors[name].processor is processor for name, processor in before.items())
+
+
+def test_pipeline_methods_refuse_a_bare_unet():
+    unet = tiny_unet("sd1")
+    for name in ("deepcache", "agentsd+deepcache", "tgate", "ca-tome"):
+        with pytest.raises(TypeError, match="needs a pipeline"):
+            with m.METHODS[name].applied(unet, ratio=ratio_of(m.METHODS[name])):
+                pass
+
+
+def test_ratio_given_exactly_to_the_methods_that_take_one():
+    with pytest.raises(ValueError, match="takes a merge ratio"):
+        m.METHODS["agentsd"].settings(None)
+    with pytest.raises(ValueError, match="takes no merge ratio"):
+        m.METHODS["deepcache"].settings(0.4)
+
+
+def test_settings_are_json_records_of_what_shapes_the_output():
+    import json
+
+    for name, method in m.METHODS.items():
+        record = method.settings(ratio_of(method), OPTIONS)
+        assert json.loads(json.dumps(record)) == record and record["method"] == name
+    assert m.METHODS["agent-phase"].settings(0.4)["agentsd"] == {
+        "schedule": "fixed",
+        "sx": 4,
+        "sy": 4,
+        "agent_ratio": 0.95,
+    }
+    changed = dataclasses.replace(m.MethodOptions(), deepcache_interval=5)
+    assert m.METHODS["agentsd+deepcache"].settings(0.4, changed)["deepcache"]["cache_interval"] == 5
+    assert m.METHODS["agentsd"].settings(0.4, changed) == m.METHODS["agentsd"].settings(0.4)
+
+
+def test_variants_baseline_first_then_unratioed_then_each_ratio():
+    chosen = [m.METHODS[n] for n in ("agentsd", "deepcache", "sd", "agentsd+deepcache")]
+    assert [v.name for v in m.variants(chosen, [0.4, 0.5, 0.4])] == [
+        "sd",
+        "deepcache",
+        "agentsd-r0.4",
+        "agentsd+deepcache-r0.4",
+        "agentsd-r0.5",
+        "agentsd+deepcache-r0.5",
+    ]
+    assert m.Variant(m.METHODS["tomesd"], 0.4).label == "ToMeSD r=0.4"
+
+
+def parser(timing: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="x")
+    m.add_method_arguments(p, default=["sd", "agentsd"], timing=timing)
+    return p
+
+
+def test_help_lists_every_method_and_knob_with_defaults():
+    text = " ".join(parser().format_help().split())
+    for name, method in m.METHODS.items():
+        assert f"{name}: {' '.join(method.summary.split())}" in text
+    for f in dataclasses.fields(m.MethodOptions):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "(default: sd agentsd)" in text and "(default: 3)" in text and "(default: CONFIG_3)" in text
+    assert "ceiling" not in parser(timing=False).format_help()
+
+
+def test_flags_choose_the_options_and_bad_values_name_the_flag():
+    args = parser().parse_args(["--methods", "sd,deepcache", "tgate", "--deepcache-interval", "5"])
+    assert [x.name for x in m.resolve_methods(args.methods)] == ["sd", "deepcache", "tgate"]
+    assert m.options_from(args) == dataclasses.replace(m.MethodOptions(), deepcache_interval=5)
+    with pytest.raises(ValueError, match="--deepcache-interval: must be >= 1, got 0"):
+        m.options_from(parser().parse_args(["--deepcache-interval", "0"]))
+    with pytest.raises(ValueError, match=r"--ca-tome-threshold: must be in \[-1, 1\]"):
+        m.MethodOptions(ca_tome_threshold=1.5)
+
+
+def test_unknown_and_timing_only_names_are_refused_naming_the_flag():
+    with pytest.raises(ValueError, match=r"--methods: unknown method 'deep-cache'; choose from sd, tomesd, .*ceiling"):
+        m.resolve_methods(["sd", "deep-cache"])
+    with pytest.raises(ValueError, match="--methods: 'ceiling' only measures speed"):
+        m.resolve_methods(["ceiling"], timing=False)
+    with pytest.raises(ValueError, match="--methods: name at least one method"):
+        m.resolve_methods([" , "])
+
+
+def test_unavailable_peers_stay_listed_and_are_refused_with_the_reason(monkeypatch, tmp_path):
+    (tmp_path / "broken_peer.py").write_text("raise ImportError('needs diffusers<0.30')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    missing = m.Part(lambda *a: lambda: None, lambda r, o: {}, package="no_such_peer_xyz", install="no-such-peer")
+    broken = dataclasses.replace(missing, package="broken_peer", install="broken-peer")
+    monkeypatch.setitem(m.METHODS, "missing", m.Method("missing", "Missing", "a peer", False, parts=(missing,)))
+    monkeypatch.setitem(m.METHODS, "broken", m.Method("broken", "Broken", "a peer", False, parts=(broken,)))
+    assert "missing" in parser().format_help()
+    with pytest.raises(ValueError, match="--methods: method 'missing' cannot run here: .*pip install no-such-peer"):
+        m.resolve_methods(["sd", "missing"])
+    with pytest.raises(
+        ValueError, match="'broken' cannot run here: .*fails to import with diffusers .*needs diffusers<0.30"
+    ):
+        m.resolve_methods(["broken"], flag="--runs")
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        with m.METHODS["missing"].applied(object()):
+            pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ca_tome") is None, reason="ca-tome not installed")
+def test_ca_tome_cache_names_are_the_packages_own():
+    from ca_tome import CacheConf
+
+    assert {name for name in vars(CacheConf) if not name.startswith("_")} == set(m.CA_TOME_CACHES)
