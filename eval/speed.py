@@ -896,6 +896,28 @@ def load(run: Run, args: argparse.Namespace) -> tuple[Any, torch.nn.Module, int]
     return pipe, pipe.unet, pipe.vae_scale_factor
 
 
+def runnable(plan: Sequence[Variant], target: Any, run: Run, args: argparse.Namespace) -> list[Variant]:
+    """The variants that apply to ``target``, tried once (apply, remove) before any timed call.
+
+    Some methods refuse some pipelines (CA-ToMe runs only ``StableDiffusionPipeline``), which shows
+    only once the model is built: with ``--methods all`` such a method is left out with a note,
+    a method named explicitly stops the run with the reason.
+    """
+    kept = []
+    for variant in plan:
+        try:
+            with variant.method.applied(target, ratio=variant.ratio, seed=SEED, options=args.options):
+                pass
+        except (TypeError, ValueError) as error:
+            if args.methods != [ALL]:
+                message = f"speed.py: error: argument --methods: {variant.name} on {run.source}: {error}"
+                raise SystemExit(message) from None
+            print(f"speed: --methods {ALL} leaves out {variant.name} on {run.source}: {error}", file=sys.stderr)
+        else:
+            kept.append(variant)
+    return kept
+
+
 def measure_run(
     run: Run, args: argparse.Namespace, plan: Sequence[Variant], report: Callable[[list[Row]], None]
 ) -> list[Row]:
@@ -904,7 +926,10 @@ def measure_run(
     if run.compile != "none":
         # Each compiled method keeps its own cache entries per shape and phase: leave room for them.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    plans = {mode: [v for v in plan if mode == "pipeline" or not v.method.needs_pipeline] for mode in run.modes}
+    plans = {
+        mode: runnable([v for v in plan if mode == "pipeline" or not v.method.needs_pipeline], target, run, args)
+        for mode, target in ((mode, unet if mode == "unet" else pipe) for mode in run.modes)
+    }
     calls = args.warmup + args.repeats + int(args.memory)
     workloads = [
         unet_workload(unet, args, px, vae_factor) if mode == "unet" else pipeline_workload(pipe, args, px, run.steps)

@@ -21,10 +21,15 @@ from tiny import save_tiny_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def speed(monkeypatch):
-    """The benchmark module (a script in eval/, next to the modules it imports)."""
+@pytest.fixture(autouse=True)
+def eval_modules(monkeypatch):
+    """eval/ on sys.path, as when its scripts run."""
     monkeypatch.syspath_prepend(str(ROOT / "eval"))
+
+
+@pytest.fixture
+def speed():
+    """The benchmark module (a script in eval/, next to the modules it imports)."""
     threads = torch.get_num_threads()
     yield importlib.import_module("speed")
     torch.set_num_threads(threads)  # --threads changes a process-wide setting
@@ -48,25 +53,38 @@ def check_outputs(out: Path, expected: set[tuple[str, int, str]]) -> list[dict]:
     return results
 
 
-def test_script_both_modes_estimate_and_clean_output(tmp_path):
-    """As a user runs it: both modes (the SDXL-like pipeline built around the UNet), an estimate of
-    the run's length before the first timed call, and no kineto ``USDT`` lines from the memory call."""
+def test_script_every_method_both_modes_estimate_and_clean_output(tmp_path):
+    """As a user runs it, on the SDXL-like pipeline built around the UNet: ``--methods all`` times
+    every registered method that runs there (the pipeline-loop ones in pipeline mode only; CA-ToMe,
+    SD-pipeline only, left out with a note), prints an estimate of the run's length before the first
+    timed call, and no kineto ``USDT`` lines from the memory calls."""
+    from methods import METHODS, variants
+
     out = tmp_path / "out"
-    argv = ["--arch", "tiny-xl", "--mode", "both", "--resolutions", "64", "--methods", "sd", "tomesd", "agentsd"]
-    argv += ["--steps", "2", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    argv = ["--arch", "tiny-xl", "--mode", "both", "--resolutions", "64", "--methods", "all", "--steps", "2"]
+    argv += ["--repeats", "1", "--threads", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("KINETO_LOG_LEVEL", None)
     done = subprocess.run(
         [sys.executable, "eval/speed.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    variants = ["sd", "tomesd-r0.4", "agentsd-r0.4"]
-    results = check_outputs(out, {(m, 64, v) for m in ("unet", "pipeline") for v in variants})
+    names = [v.name for v in variants(list(METHODS.values()), [0.4]) if v.method.name != "ca-tome"]
+    in_unet = [v.name for v in variants(list(METHODS.values()), [0.4]) if not v.method.needs_pipeline]
+    expected = {("pipeline", 64, name) for name in names} | {("unet", 64, name) for name in in_unet}
+    results = check_outputs(out, expected)
     assert all(row["peak_mib_per_image"] > 0 for row in results)
+    assert "leaves out ca-tome on tiny-xl (random weights)" in done.stderr
     assert "USDT" not in done.stdout + done.stderr
     assert "to go" in done.stderr
     assert done.stderr.index("to go") < done.stderr.index("repeat 1/1")
-    assert "whole generation" in done.stdout and "agentsd-r0.4" in done.stdout
+    assert "whole generation" in done.stdout and "agentsd+deepcache-r0.4" in done.stdout
+
+
+def test_a_method_named_that_cannot_run_on_the_pipeline_stops_before_timing(speed, tmp_path):
+    with pytest.raises(SystemExit, match="argument --methods: ca-tome on tiny-xl.*StableDiffusionPipeline"):
+        speed.main(["--arch", "tiny-xl", "--mode", "pipeline", "--methods", "sd", "ca-tome", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
 
 
 def test_real_sdxl_pipeline(speed, tmp_path):
