@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import itertools
 import json
@@ -96,7 +97,11 @@ MEMORY_SOURCES = {"cuda": "torch.cuda allocator statistics", "cpu": "torch.profi
 
 @dataclass(frozen=True)
 class Run:
-    """One measurement of a plan: one model, its modes, resolutions, compile mode and steps."""
+    """One measurement of a plan: one model, its modes, resolutions, compile mode and steps.
+
+    A suite's run may also leave out methods that would only repeat another run's (``skip``) and
+    time fewer calls than the suite's default (``warmup``, ``repeats``: whole generations cost more).
+    """
 
     arch: str | None
     model: str | None
@@ -104,6 +109,9 @@ class Run:
     resolutions: tuple[int, ...]
     compile: str = "none"
     steps: int = 50
+    skip: tuple[str, ...] = ()
+    warmup: int | None = None
+    repeats: int | None = None
 
     @property
     def source(self) -> str:
@@ -122,13 +130,19 @@ class Suite:
 #: What the GPU suite compares: the baseline, tomesd, AgentSD's recipe and its two phases, and the
 #: ceiling (patched blocks skip self-attention: the most any merging of that level could gain).
 GPU_METHODS = ("sd", "tomesd", "agentsd", "agent-phase", "tome-phase", "ceiling")
+#: One forward at t = 981 is the recipe's agent phase: the recipe is timed over whole generations,
+#: its two phases on one forward each.
+_FORWARD_SKIPS = ("agentsd",)
+_GENERATION_SKIPS = ("agent-phase", "tome-phase")
 
+# Cheapest and most asked-for first: every run's rows are written when it ends, so a run stopped
+# at the time limit keeps what it measured.
 _GPU_RUNS = (
-    Run("sd15", None, ("unet",), (512, 768, 1024)),
-    Run("sdxl", None, ("unet",), (1024,)),
-    Run("sd15", None, ("pipeline",), (512, 1024), steps=20),
-    Run("sd15", None, ("unet",), (1024,), compile="regional"),
-    Run("sdxl", None, ("unet",), (1024,), compile="regional"),
+    Run("sd15", None, ("unet",), (512, 768, 1024), skip=_FORWARD_SKIPS),
+    Run("sdxl", None, ("unet",), (1024,), skip=_FORWARD_SKIPS),
+    Run("sd15", None, ("unet",), (1024,), compile="regional", skip=_FORWARD_SKIPS),
+    Run("sd15", None, ("pipeline",), (512, 1024), steps=20, skip=_GENERATION_SKIPS, warmup=1, repeats=3),
+    Run("sdxl", None, ("unet",), (1024,), compile="regional", skip=_FORWARD_SKIPS),
 )
 
 SUITES: dict[str, Suite] = {
@@ -139,9 +153,10 @@ SUITES: dict[str, Suite] = {
         (Run("sd15", None, ("unet",), (512,)),),
     ),
     "gpu": Suite(
-        "one GPU, fp16, batch 2, in about 6 min: SD 1.5 architecture at 512/768/1024 px and SDXL at 1024 px, "
-        "one forward, eager; a 20-step generation at 512/1024 px; regional compilation at 1024 px; "
-        f"{', '.join(GPU_METHODS)}; median of 15 after 3 warm-ups, peak memory",
+        "one GPU, fp16, batch 2, in about 7 min: one forward of the SD 1.5 architecture at 512/768/1024 px "
+        "and of SDXL at 1024 px, eager and (1024 px) regionally compiled: sd, tomesd, AgentSD's two phases, "
+        "ceiling, median of 15 after 3 warm-ups; a 20-step generation at 512/1024 px: sd, tomesd, AgentSD's "
+        "recipe, ceiling, median of 3; peak memory",
         {"methods": list(GPU_METHODS), "dtype": "float16", "warmup": 3, "repeats": 15, "memory": True},
         _GPU_RUNS,
     ),
@@ -158,7 +173,7 @@ SUITES: dict[str, Suite] = {
             "compile_backend": "eager",
         },
         tuple(
-            replace(run, arch={"sd15": "tiny", "sdxl": "tiny-xl"}[run.arch], resolutions=(64,), steps=2)
+            replace(run, arch={"sd15": "tiny", "sdxl": "tiny-xl"}[run.arch], resolutions=(64,), steps=2, repeats=None)
             for run in _GPU_RUNS
         ),
     ),
@@ -963,10 +978,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         flush=True,
     )
     for run in args.runs:
-        steps = f", {run.steps} steps" if "pipeline" in run.modes else ""
+        details = [f"{run.steps} steps"] if "pipeline" in run.modes else []
+        details += [f"{key} {value}" for key in ("warmup", "repeats") if (value := getattr(run, key)) is not None]
+        details += [f"without {' '.join(run.skip)}"] if run.skip else []
         print(
-            f"  {run.source}: {'+'.join(run.modes)}, {' '.join(map(str, run.resolutions))} px{steps}, "
-            f"compile {run.compile}",
+            f"  {run.source}: {'+'.join(run.modes)}, {' '.join(map(str, run.resolutions))} px, compile {run.compile}"
+            + "".join(f", {detail}" for detail in details),
             flush=True,
         )
     meta = {
@@ -980,7 +997,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for run in args.runs:
         done = list(rows)
-        rows += measure_run(run, args, plan, lambda new, done=done: write_outputs(args.out, meta, done + new, title))
+        calls = {key: value for key in ("warmup", "repeats") if (value := getattr(run, key)) is not None}
+        run_args = argparse.Namespace(**{**vars(args), **calls})
+        run_plan = [v for v in plan if v.method.name not in run.skip]
+        report = functools.partial(lambda new, done: write_outputs(args.out, meta, done + new, title), done=done)
+        rows += measure_run(run, run_args, run_plan, report)
         gc.collect()  # free this run's model before the next one is built
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
