@@ -578,16 +578,19 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, default: Sequence[s
         nargs="+",
         default=list(default),
         metavar="NAME",
-        help=f"methods to compare, space or comma separated (default: {' '.join(default)}). {listing}",
+        # "%(default).0s" prints nothing; it only keeps ArgumentDefaultsHelpFormatter from adding the list's repr.
+        help=f"methods to compare, space or comma separated (default: {' '.join(default)}%(default).0s). {listing}",
     )
     group = parser.add_argument_group("method settings (the peers' published defaults for SD 1.5)")
     for f in fields(MethodOptions):
+        choices = f.metadata["choices"]
         group.add_argument(
             _flag(f.name),
             type=type(f.default),
             default=f.default,
-            choices=f.metadata["choices"],
-            help=f"{f.metadata['help']} (default: {f.default})",
+            choices=choices,
+            metavar="NAME" if choices else type(f.default).__name__.upper(),
+            help=f"{f.metadata['help']}{', one of %(choices)s' if choices else ''} (default: %(default)s)",
         )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,6 +23,14 @@ STEPS = 5
 #: DeepCache caches on 2 of every 3 steps, T-GATE gates within the 5 steps.
 OPTIONS = m.MethodOptions(tgate_gate_step=3, tgate_warm_up=0, tgate_sp_interval=2)
 AVAILABLE = [name for name, method in m.METHODS.items() if method.unavailable() is None]
+
+
+def available(*names: str) -> list:
+    """``names`` as test parameters, each skipped with the reason where its method cannot run here."""
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=str(m.METHODS[name].unavailable())))
+        for name in names
+    ]
 
 
 def ratio_of(method: m.Method) -> float | None:
@@ -86,7 +93,7 @@ def test_the_registry_holds_every_method_of_the_issue():
     }
 
 
-@pytest.mark.parametrize("name", AVAILABLE)
+@pytest.mark.parametrize("name", available(*m.METHODS))
 def test_each_method_applies_reproduces_and_removes_cleanly(sd, name):
     pipe, base = sd
     method = m.METHODS[name]
@@ -101,16 +108,17 @@ def test_each_method_applies_reproduces_and_removes_cleanly(sd, name):
     assert torch.equal(generate(pipe), base), "the pipeline generates differently after removal"
 
 
-def test_removal_happens_even_when_the_block_raises(sd):
+@pytest.mark.parametrize("name", available("agentsd+deepcache"))
+def test_removal_happens_even_when_the_block_raises(sd, name):
     pipe, _ = sd
     state = instance_state(pipe)
     with pytest.raises(RuntimeError, match="boom"):
-        with m.METHODS["agentsd+deepcache"].applied(pipe, ratio=0.5, options=OPTIONS):
+        with m.METHODS[name].applied(pipe, ratio=0.5, options=OPTIONS):
             raise RuntimeError("boom")
     assert instance_state(pipe) == state
 
 
-@pytest.mark.parametrize("name", [n for n in AVAILABLE if "+" in n])
+@pytest.mark.parametrize("name", available(*(name for name in m.METHODS if "+" in name)))
 def test_stacks_give_the_same_output_in_either_order(sd, name):
     pipe, _ = sd
     method = m.METHODS[name]
@@ -118,7 +126,26 @@ def test_stacks_give_the_same_output_in_either_order(sd, name):
     assert torch.equal(run(reversed_order, pipe), run(method, pipe))
 
 
-@pytest.mark.parametrize("name", ["tomesd", "agentsd", "ceiling"])
+@pytest.mark.parametrize("name", available("tgate", "agentsd+deepcache"))
+def test_pipeline_methods_run_on_sdxl(tmp_path, name):
+    pipe = tiny_pipeline("sdxl", tmp_path)
+    base, state = generate(pipe), instance_state(pipe)
+    assert not torch.equal(run(m.METHODS[name], pipe), base)
+    assert instance_state(pipe) == state
+    assert torch.equal(generate(pipe), base)
+
+
+@pytest.mark.parametrize("name", available("tgate", "ca-tome"))
+def test_peers_refuse_pipelines_their_loops_do_not_cover_before_changing_anything(tmp_path, name):
+    pipe = tiny_pipeline("img2img", tmp_path)
+    state = instance_state(pipe)
+    with pytest.raises(TypeError, match=f"{name} needs a diffusers StableDiffusionPipeline"):
+        with m.METHODS[name].applied(pipe):
+            pass
+    assert instance_state(pipe) == state
+
+
+@pytest.mark.parametrize("name", available("tomesd", "agentsd", "ceiling"))
 def test_unet_only_methods_patch_a_bare_unet_at_the_top_attention_level(name):
     """SDXL has no attention at full latent resolution: each must patch the level below (max_downsample 2)."""
     unet = tiny_unet("sdxl")
@@ -153,12 +180,11 @@ def test_the_ceiling_skips_self_attention_exactly_in_agentsds_blocks(sd):
     assert all(processors[name].processor is processor for name, processor in before.items())
 
 
-def test_pipeline_methods_refuse_a_bare_unet():
-    unet = tiny_unet("sd1")
-    for name in ("deepcache", "agentsd+deepcache", "tgate", "ca-tome"):
-        with pytest.raises(TypeError, match="needs a pipeline"):
-            with m.METHODS[name].applied(unet, ratio=ratio_of(m.METHODS[name])):
-                pass
+@pytest.mark.parametrize("name", available("deepcache", "agentsd+deepcache", "tgate", "ca-tome"))
+def test_pipeline_methods_refuse_a_bare_unet(name):
+    with pytest.raises(TypeError, match="needs a pipeline"):
+        with m.METHODS[name].applied(tiny_unet("sd1"), ratio=ratio_of(m.METHODS[name])):
+            pass
 
 
 def test_ratio_given_exactly_to_the_methods_that_take_one():
@@ -212,11 +238,14 @@ def test_help_lists_every_method_and_knob_with_defaults():
         assert "--" + f.name.replace("_", "-") in text
     assert "(default: sd agentsd)" in text and "(default: 3)" in text and "(default: CONFIG_3)" in text
     assert "ceiling" not in parser(timing=False).format_help()
+    with_defaults = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_method_arguments(with_defaults, default=["sd"])
+    assert with_defaults.format_help().count("(default:") == 1 + len(dataclasses.fields(m.MethodOptions))
 
 
 def test_flags_choose_the_options_and_bad_values_name_the_flag():
-    args = parser().parse_args(["--methods", "sd,deepcache", "tgate", "--deepcache-interval", "5"])
-    assert [x.name for x in m.resolve_methods(args.methods)] == ["sd", "deepcache", "tgate"]
+    args = parser().parse_args(["--methods", "sd,agentsd", "ceiling", "sd", "--deepcache-interval", "5"])
+    assert [x.name for x in m.resolve_methods(args.methods)] == ["sd", "agentsd", "ceiling"]
     assert m.options_from(args) == dataclasses.replace(m.MethodOptions(), deepcache_interval=5)
     with pytest.raises(ValueError, match="--deepcache-interval: must be >= 1, got 0"):
         m.options_from(parser().parse_args(["--deepcache-interval", "0"]))
@@ -252,7 +281,7 @@ def test_unavailable_peers_stay_listed_and_are_refused_with_the_reason(monkeypat
             pass
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ca_tome") is None, reason="ca-tome not installed")
+@pytest.mark.skipif("ca-tome" not in AVAILABLE, reason=str(m.METHODS["ca-tome"].unavailable()))
 def test_ca_tome_cache_names_are_the_packages_own():
     from ca_tome import CacheConf
 
