@@ -169,6 +169,18 @@ def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
             assert row["graph_breaks"] is not None
 
 
+def test_quick_suite_stays_a_two_minute_honest_comparison(speed):
+    """The README's first command: SD against tomesd and both of AgentSD's phases (not the agent
+    phase alone, its best case), in 12 forwards at 512 px (about 10 s each on 2 CPU cores)."""
+    args = speed.parse_args(["--suite", "quick"])
+    (run,) = args.runs
+    assert (run.arch, run.modes, run.resolutions, run.compile) == ("sd15", ("unet",), (512,), "none")
+    assert [m.name for m in args.method_list] == ["sd", "tomesd", "agent-phase", "tome-phase"]
+    forwards = len(args.method_list) * (args.warmup + args.repeats + int(args.memory))
+    assert forwards * speed.forward_cost(512) <= 12
+    assert args.repeats >= 2  # a median and a spread
+
+
 def test_help_shows_every_default_once(speed):
     text = speed.build_parser().format_help()
     options = text.split("\n  -")
