@@ -16,14 +16,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels
 PACKAGES=(diffusers==0.42.1 tomesd==0.1.3 matplotlib)
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 
 if [[ "${1:-run}" == download ]]; then
     platform=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
               --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
               --platform manylinux2014_x86_64 --platform any)
     # tomesd alone: its requirement on torch would download a CUDA torch; the image has one.
-    python -m pip download "${platform[@]}" -d "$WHEELS" "${PACKAGES[0]}" "${PACKAGES[2]}"
-    python -m pip download "${platform[@]}" --no-deps -d "$WHEELS" "${PACKAGES[1]}"
+    "$PYTHON" -m pip download "${platform[@]}" -d "$WHEELS" "${PACKAGES[0]}" "${PACKAGES[2]}"
+    "$PYTHON" -m pip download "${platform[@]}" --no-deps -d "$WHEELS" "${PACKAGES[1]}"
     rm -f "$WHEELS"/numpy-*.whl "$WHEELS"/torch-*.whl   # the image's own (transformers needs numpy)
     exit 0
 fi
@@ -32,11 +33,11 @@ OUT="${OUT:-runs/speed}"
 SUITE="${SUITE:-gpu}"
 mkdir -p "$OUT/gpu-suite"
 # --no-index: nothing but .wheels/ and what is installed; the image's torch satisfies tomesd's requirement.
-python -m pip install --quiet --no-index --find-links "$WHEELS" "${PACKAGES[@]}"
+"$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "${PACKAGES[@]}"
 {
-    python -m pip list 2>/dev/null | grep -i -E '^(torch|diffusers|tomesd|transformers|huggingface.hub) '
+    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(torch|diffusers|tomesd|transformers|huggingface.hub) '
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
 export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-timeout 480 python eval/speed.py --suite "$SUITE" --out "$OUT/gpu-suite" 2>&1 | tee "$OUT/gpu-suite/log.txt"
+timeout 480 "$PYTHON" eval/speed.py --suite "$SUITE" --out "$OUT/gpu-suite" 2>&1 | tee "$OUT/gpu-suite/log.txt"
