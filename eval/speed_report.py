@@ -146,8 +146,12 @@ def plot_speedup(path: Path, rows: Sequence[Row], title: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(_group(row) for row in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+    columns = min(3, len(groups))
+    rows_of_panels = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups):
         members = [row for row in rows if _group(row) == group]
         baseline = members[0].baseline
         for method in dict.fromkeys(row.method for row in members if row.method != baseline):
