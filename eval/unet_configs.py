@@ -11,21 +11,35 @@ matters to AgentSD: its recipe switches phase on the timestep).
 ``tiny`` and ``tiny-xl`` are two-level toys for the smoke test: ``tiny`` has attention at the top
 latent level like SD 1.x/2.x, ``tiny-xl`` only one level down plus the ``text_time`` conditioning,
 like SDXL.
+
+:meth:`Arch.build_pipeline` puts the full-size UNet into a real diffusers pipeline with a one-layer
+random text encoder, a word-level tokenizer and a four-level toy VAE: only the UNet is timed, but
+methods that run the pipeline's own loop (DeepCache, T-GATE) need a pipeline to run in. The text
+encoders keep the real widths and 77 tokens, so the UNet's cross-attention costs what it costs with
+CLIP; the VAE keeps the 8x latent scale and is never run (the benchmark asks for latents).
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Noise schedule shared by SD 1.x, SD 2.x and SDXL.
 _BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -123,6 +137,10 @@ TINY_XL_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 6 * 8 + 32,
 }
 
+#: Tokens of every prompt, as CLIP pads them: the UNet's cross-attention cost depends on it.
+TEXT_TOKENS = 77
+_WORDS = ("a", "high", "quality", "photograph", "photo", "of", "the", "cat", "dog", "corgi", ".")
+
 _PNDM_SD15 = {**_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 
 
@@ -155,6 +173,90 @@ class Arch:
     def build_scheduler(self) -> SchedulerMixin:
         """A fresh scheduler (schedulers keep per-generation state, e.g. PLMS's history)."""
         return self.scheduler.from_config(self.scheduler_config)
+
+    def build_pipeline(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> DiffusionPipeline:
+        """The text-to-image pipeline of this architecture: the full-size UNet of :meth:`build_unet`,
+        the published scheduler, toy text encoders, tokenizers and VAE (see the module docstring).
+
+        SDXL-like UNets (``text_time`` conditioning) get ``StableDiffusionXLPipeline``: two text
+        encoders whose widths add up to the UNet's cross-attention width, the second one projecting
+        to the pooled width the UNet's added embedding expects.
+        """
+        unet = self.build_unet(device, dtype, seed)
+        config = unet.config
+        torch.manual_seed(seed)
+        with torch.device(device):
+            vae = _toy_vae()
+            if config.addition_embed_type == "text_time":
+                pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+                parts = dict(
+                    text_encoder=CLIPTextModel(_text_config(config.cross_attention_dim - pooled)),
+                    text_encoder_2=CLIPTextModelWithProjection(_text_config(pooled, projection=pooled)),
+                    tokenizer=_tokenizer(),
+                    tokenizer_2=_tokenizer(),
+                )
+                pipe = StableDiffusionXLPipeline(vae=vae, unet=unet, scheduler=self.build_scheduler(), **parts)
+            else:
+                pipe = StableDiffusionPipeline(
+                    vae=vae,
+                    text_encoder=CLIPTextModel(_text_config(config.cross_attention_dim)),
+                    tokenizer=_tokenizer(),
+                    unet=unet,
+                    scheduler=self.build_scheduler(),
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+        for name, part in pipe.components.items():
+            # Cast only what needs it (the UNet already has dtype): ModelMixin.to warns even for a no-op cast.
+            if name != "unet" and isinstance(part, torch.nn.Module) and part.dtype != dtype:
+                part.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def _text_config(width: int, projection: int = 512) -> CLIPTextConfig:
+    """One CLIP text layer of the given width (what the UNet sees is a (77, width) embedding)."""
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=width,
+        intermediate_size=32,
+        num_attention_heads=1,
+        num_hidden_layers=1,
+        vocab_size=len(_WORDS) + 8,
+        max_position_embeddings=TEXT_TOKENS,
+        projection_dim=projection,
+    )
+
+
+def _tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over a few whole words, padding to 77 tokens (written to a temporary folder)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for word in _WORDS:
+        vocab.setdefault(word + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), model_max_length=TEXT_TOKENS
+        )
+
+
+def _toy_vae() -> AutoencoderKL:
+    """Four levels of 8 channels: the 8x latent scale of the real VAE (``pipe.vae_scale_factor``)."""
+    levels = 4
+    return AutoencoderKL(
+        block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
 
 
 #: Architectures selectable with ``--arch``.

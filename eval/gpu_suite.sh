@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU suite of eval/speed.py (--suite gpu) on a lent GPU machine, in one command.
+#
+# That machine has no network and an image with Python 3.12, a CUDA build of torch, transformers,
+# accelerate and torchmetrics, but neither diffusers nor tomesd. So, from the repository root:
+#
+#   eval/gpu_suite.sh download   # here, with PyPI: fills .wheels/ (git-ignored, ~38 MB) with diffusers,
+#                                # tomesd, matplotlib and their dependencies for CPython 3.12 on x86-64 Linux
+#   eval/gpu_suite.sh            # there: installs from .wheels/ only (never torch), runs the suite
+#
+# Results go to $OUT/gpu-suite (speed.json, speed.csv, speedup.png, log.txt) plus $OUT/environment.txt;
+# $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine).
+# The suite is sized for about 6 minutes on one H100-class GPU; `timeout` stops it at 8 (results are
+# written after every resolution, so a stopped run keeps what it measured).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=.wheels
+PACKAGES=(diffusers==0.42.1 tomesd==0.1.3 matplotlib)
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+
+if [[ "${1:-run}" == download ]]; then
+    platform=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
+              --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+              --platform manylinux2014_x86_64 --platform any)
+    # tomesd alone: its requirement on torch would download a CUDA torch; the image has one.
+    "$PYTHON" -m pip download "${platform[@]}" -d "$WHEELS" "${PACKAGES[0]}" "${PACKAGES[2]}"
+    "$PYTHON" -m pip download "${platform[@]}" --no-deps -d "$WHEELS" "${PACKAGES[1]}"
+    rm -f "$WHEELS"/numpy-*.whl "$WHEELS"/torch-*.whl   # the image's own (transformers needs numpy)
+    exit 0
+fi
+
+OUT="${OUT:-runs/speed}"
+SUITE="${SUITE:-gpu}"
+mkdir -p "$OUT/gpu-suite"
+# --no-index: nothing but .wheels/ and what is installed; the image's torch satisfies tomesd's requirement.
+"$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "${PACKAGES[@]}"
+{
+    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(torch|diffusers|tomesd|transformers|huggingface.hub) '
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+} > "$OUT/environment.txt"
+cat "$OUT/environment.txt"
+export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+timeout 480 "$PYTHON" eval/speed.py --suite "$SUITE" --out "$OUT/gpu-suite" 2>&1 | tee "$OUT/gpu-suite/log.txt"

@@ -1,0 +1,178 @@
+"""Reporting of eval/speed.py: the result rows, their table, and speed.json / speed.csv / speedup.png.
+
+Every file is written whole or not at all (:func:`atomic_write.atomic_path`), after every workload,
+so that a stopped run keeps what it measured and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atomic_write import atomic_path  # isort: skip
+
+MEMORY_SOURCES = {"cuda": "torch.cuda allocator statistics", "cpu": "torch.profiler tensor events"}
+
+
+@dataclass
+class Row:
+    """One line of the results: a variant on one workload, with ratios to the baseline (``--baseline``)."""
+
+    source: str
+    compile: str
+    mode: str
+    unit: str
+    resolution: int
+    steps: int | None
+    method: str
+    ratio: float | None
+    baseline: str
+    median_s: float
+    min_s: float
+    max_s: float
+    speedup: float
+    peak_mib_per_image: float | None
+    memory_vs_baseline: float | None
+    compiles: int | None
+    graph_breaks: int | None
+    note: str | None
+    seconds: list[float]
+
+
+def _group(row: Row) -> tuple[str, str, str]:
+    return row.source, row.compile, row.mode
+
+
+def _group_title(group: tuple[str, str, str]) -> str:
+    source, compile_mode, mode = group
+    what = "one UNet forward" if mode == "unet" else "whole generation"
+    return f"{source}, {what}, " + ("eager" if compile_mode == "none" else f"compile {compile_mode}")
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """One table per source, compile mode and mode; a blank line between resolutions."""
+    text: list[str] = []
+    for group, members in itertools.groupby(rows, key=_group):
+        members = list(members)
+        compiled = group[1] != "none"
+        header = ("px", "method", "median", "min-max", f"vs {members[0].baseline}", "peak MiB/img", "mem ratio")
+        header += ("compiles", "breaks") if compiled else ()
+        lines = [header]
+        for row in members:
+            lines.append(
+                (
+                    str(row.resolution) + ("" if row.steps is None else f" x{row.steps}"),
+                    row.method,
+                    f"{row.median_s:.3f} {row.unit}",
+                    f"{row.min_s:.3f}-{row.max_s:.3f}",
+                    f"{row.speedup:.2f}x",
+                    "n/a" if row.peak_mib_per_image is None else f"{row.peak_mib_per_image:.1f}",
+                    "n/a" if row.memory_vs_baseline is None else f"{row.memory_vs_baseline:.2f}x",
+                )
+                + ((str(row.compiles), str(row.graph_breaks)) if compiled else ())
+            )
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text += ["", _group_title(group)]
+        for index, line in enumerate(lines):
+            if index > 1 and line[0] != lines[index - 1][0]:
+                text.append("")
+            text.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        text += [f"  note: {row.method} at {row.resolution} px: {row.note}" for row in members if row.note]
+    return "\n".join(text[1:])
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        module = sys.modules.get(package)
+        return getattr(module, "__version__", None)
+
+
+def machine_info(device: torch.device, argv: Sequence[str]) -> dict[str, Any]:
+    """What a reader needs to reproduce or weigh the numbers."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    packages = ("torch", "diffusers", "tomesd", "agentsd", "DeepCache", "tgate", "ca-tome")
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "eval/speed.py", *argv]),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "versions": {name: _version(name) for name in packages},
+        "memory_source": MEMORY_SOURCES[device.type],
+    }
+
+
+def write_json(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "results": [asdict(row) for row in rows]}, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    columns = [name for name in Row.__dataclass_fields__ if name != "seconds"]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+
+
+def plot_speedup(path: Path, rows: Sequence[Row], title: str) -> None:
+    """Speed-up over the baseline against resolution, one line per method, one panel per source, compile and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(_group(row) for row in rows))
+    columns = min(3, len(groups))
+    rows_of_panels = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, groups):
+        members = [row for row in rows if _group(row) == group]
+        baseline = members[0].baseline
+        for method in dict.fromkeys(row.method for row in members if row.method != baseline):
+            points = sorted((row.resolution, row.speedup) for row in members if row.method == method)
+            ax.plot(*zip(*points), marker="o", label=method)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=f"{baseline} (baseline)")
+        ax.set_xticks(sorted({row.resolution for row in members}))
+        ax.set(xlabel="resolution (px)", ylabel=f"speed-up over {baseline}", title=_group_title(group))
+        ax.title.set_fontsize("small")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, meta: dict[str, Any], rows: Sequence[Row], title: str) -> None:
+    """All three files, after each workload (created then: a run that fails to start leaves no folder)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "speed.json", meta, rows)
+    write_csv(out / "speed.csv", rows)
+    plot_speedup(out / "speedup.png", rows, title)
