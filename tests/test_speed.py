@@ -163,10 +163,8 @@ def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
             assert row["note"] is None and row["graph_breaks"] == 0, row
         elif row["method"] == "tomesd-r0.4":  # tomesd creates a torch.Generator in every call
             assert "fullgraph=True failed" in row["note"]
-        else:
-            # AgentSD compiles with fullgraph=True once the compile-native core of issue 9 is merged;
-            # then replace the next line with: assert row["note"] is None and row["graph_breaks"] == 0, row
-            assert row["graph_breaks"] is not None
+        else:  # AgentSD's blocks compile whole: no fallback, no break
+            assert row["note"] is None and row["graph_breaks"] == 0, row
 
 
 def test_quick_suite_stays_a_two_minute_honest_comparison(speed):
