@@ -23,9 +23,13 @@ import pytest
 
 import agentsd
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-pytestmark = pytest.mark.slow
 
 #: Packages that drag in a torch build of their own choosing (torch-fidelity -> torchvision -> torch).
 TORCH_REPLACERS = ("torchvision", "torch-fidelity", "torch_fidelity")
@@ -61,6 +65,7 @@ def _metadata(wheel: Path) -> email.message.Message:
         return email.message_from_bytes(archive.read(name))
 
 
+@pytest.mark.slow
 def test_wheel_carries_version_license_types_and_data(dist: dict[str, Path]) -> None:
     metadata = _metadata(dist["wheel"])
     assert metadata["Version"] == agentsd.__version__  # one place: pyproject reads agentsd.__version__
@@ -70,6 +75,7 @@ def test_wheel_carries_version_license_types_and_data(dist: dict[str, Path]) -> 
     assert any(re.search(r"\.dist-info/(licenses/)?LICENSE$", name) for name in names), names
 
 
+@pytest.mark.slow
 def test_sdist_carries_what_a_rebuild_needs(dist: dict[str, Path]) -> None:
     with tarfile.open(dist["sdist"]) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
@@ -77,15 +83,16 @@ def test_sdist_carries_what_a_rebuild_needs(dist: dict[str, Path]) -> None:
     assert expected | {"agentsd/data/imagenet1k_classes.txt"} <= names
 
 
+@pytest.mark.slow
 def test_no_extra_can_replace_the_users_torch(dist: dict[str, Path]) -> None:
     """torch-fidelity needs torchvision, and pip picks a torchvision whose torch replaces the user's."""
     requirements = _metadata(dist["wheel"]).get_all("Requires-Dist") or []
     assert [r for r in requirements if r.lower().startswith(TORCH_REPLACERS)] == []
-    assert {r.split(";")[0].strip() for r in requirements if r.startswith("torch") and "extra" not in r} == {
-        "torch>=2.1"
-    }
+    core = [r for r in requirements if "extra ==" not in r]
+    assert [r for r in core if r.startswith("torch")] == ["torch>=2.1"]
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
@@ -122,3 +129,40 @@ def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: P
     out = _run(python, "-c", quick_start, cwd=tmp_path, env=env)
     assert f"quick start ok {agentsd.__version__}" in out
     assert "patched" in out  # patch_summary printed
+
+
+# --- the declared floors and CI, kept in step -------------------------------------------------------
+
+
+def _declared_floors() -> dict[str, str]:
+    """``{package: version}`` of every ``package>=version`` in pyproject's dependencies and extras."""
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = [r for extra in project["optional-dependencies"].values() for r in extra]
+    floors = (re.fullmatch(r"([\w.-]+)>=([\w.]+)", r) for r in project["dependencies"] + extras)
+    return {_name(m[1]): m[2] for m in floors if m}
+
+
+def _name(package: str) -> str:
+    return package.strip().lower().replace("_", "-")
+
+
+def test_ci_floors_are_the_declared_floors() -> None:
+    """.ci/floors.txt pins exactly the floors pyproject.toml declares (torch aside: CI keeps its CPU pin)."""
+    lines = (REPO / ".ci" / "floors.txt").read_text().splitlines()
+    pins = dict(map(_name, line.split("==")) for line in lines if line.strip() and not line.startswith("#"))
+    declared = _declared_floors()
+    tested = ("diffusers", "transformers", "accelerate", "huggingface-hub", "tomesd", "torchmetrics")
+    assert set(pins) - {"torch"} == set(tested)
+    assert {name: pins[name] for name in tested} == {name: declared.get(name) for name in tested}
+
+
+def test_ci_runs_the_readme_test_command_last() -> None:
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python -m pip"))
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    steps = [step.strip() for step in command.split("&&")]
+    positions = [ci.index(step) for step in steps]  # ValueError: a step of the README is not in .ci/run
+    assert positions == sorted(positions)
+    assert ".ci/floor-run" in ci and ci.index(".ci/floor-run") < positions[-1]  # the main summary ends the log
