@@ -48,15 +48,6 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle-spinning threads cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny pipelines saved with save_pretrained, as a user's local model folders would be."""
@@ -146,7 +137,7 @@ def test_notebook_runs_top_to_bottom(models: dict[str, Path], monkeypatch: pytes
     notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
     monkeypatch.setenv("AGENTSD_MODEL", str(models["sd"]))
     monkeypatch.setenv("AGENTSD_STEPS", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch, as one_thread does here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch, as conftest does here
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     client = NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": EXAMPLES}})
     client.execute()
