@@ -97,7 +97,10 @@ def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: P
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
-    _run(python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", dist["wheel"], cwd=tmp_path)
+    # --ignore-installed: the system's agentsd (an editable install, seen through the system site-packages)
+    # has the same version, and pip would otherwise call the wheel already satisfied and skip it.
+    install = ("install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", dist["wheel"])
+    _run(python, "-m", "pip", *install, cwd=tmp_path)
     quick_start = textwrap.dedent(
         f"""
         import sys
