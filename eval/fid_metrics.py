@@ -34,11 +34,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity release v0.2.0
 
 
-INSTALL_FID = 'pip install -e ".[fid]"'  # as the README says (from the repository root)
+#: As the README says (from the repository root): the extra never touches torch, and the second step pins
+#: torch to the installed one so that pip picks the torchvision built for it instead of a new torch.
+INSTALL_FID = (
+    'pip install -e ".[fid]" && pip install torch-fidelity torchvision '
+    "\"torch==$(python -c 'import torch; print(torch.__version__)')\""
+)
 NO_TORCH_FIDELITY = (
     "FID needs the Inception network of torch-fidelity, which is not installed: "
-    f"{INSTALL_FID} (the weights then download on first use; offline, also pass "
-    f"--inception-weights PATH to a local {INCEPTION_FILE}), or pass --no-fid to only generate and time images."
+    f"{INSTALL_FID} (see the README for CPU/CUDA builds of torch; the weights then download on first use; "
+    f"offline, also pass --inception-weights PATH to a local {INCEPTION_FILE}), or pass --no-fid to only "
+    "generate and time images."
 )
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import diffusers
 import torch
 from comparison import METHODS, check_methods
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import GatedRepoError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
@@ -67,15 +70,13 @@ def _png_or_folder(text: str) -> Path:
     return path
 
 
-def example_parser(doc: str, *, model: str, prompt: str | None, side: int | None = None) -> argparse.ArgumentParser:
+def example_parser(doc: str, *, model: str, prompt: str | None) -> argparse.ArgumentParser:
     """A parser with the flags every example shares, its ``--help`` led by the script's docstring.
 
     ``prompt`` is the default ``--prompt`` (``None``: the script takes its prompts otherwise).
-    ``side`` is the default ``--height`` and ``--width``; ``None`` leaves the size to the pipeline,
-    which uses the resolution its model was trained at.
+    ``--height`` and ``--width`` default to the resolution the model was trained at (:func:`image_size`).
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    size_help = "the model's native size" if side is None else str(side)
     parser.add_argument("--model", default=model, help=f"hub id or local diffusers folder (default: {model})")
     if prompt is not None:
         parser.add_argument("--prompt", default=prompt, help=f"what to generate (default: {prompt!r})")
@@ -96,8 +97,8 @@ def example_parser(doc: str, *, model: str, prompt: str | None, side: int | None
     )
     parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on a GPU, float32 on the CPU")
-    parser.add_argument("--height", type=_image_side, default=side, help=f"in pixels (default: {size_help})")
-    parser.add_argument("--width", type=_image_side, default=side, help=f"in pixels (default: {size_help})")
+    parser.add_argument("--height", type=_image_side, help="in pixels (default: the model's native size)")
+    parser.add_argument("--width", type=_image_side, help="in pixels (default: the model's native size)")
     parser.add_argument(
         "--out", type=_png_or_folder, default=Path("outputs"), help="PNG file or folder (default: outputs/)"
     )
@@ -203,7 +204,30 @@ def _source(name: str, flag: str) -> str:
     return name
 
 
-def _load_advice(source: str, flag: str, err: OSError) -> str:
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host (``HF_ENDPOINT``) accepts a connection within ``timeout`` seconds.
+
+    Without a network, huggingface_hub retries some lookups with a backoff (1 + 2 + 4 + 8 + 8 s:
+    ``AutoPipelineForText2Image`` spent 30 s so before its error) while others fail at once. One
+    connection attempt up front lets every example fail, or load from the cache, as fast. Behind a
+    proxy a direct connection proves nothing, so the hub is then taken as reachable.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(hub_constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_advice(source: str, flag: str, err: OSError, *, unreachable: bool = False) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     lines = [f"could not load {flag} {source!r}: {reason}"]
     if Path(source).is_dir():
@@ -213,8 +237,13 @@ def _load_advice(source: str, flag: str, err: OSError) -> str:
         lines.append("  - this model is gated: accept its licence on huggingface.co, then `hf auth login`")
     else:
         lines.append(f"  - check the id on https://huggingface.co/{source} (gated models also need `hf auth login`)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         lines.append("  - HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded")
+    elif unreachable:
+        host = urlsplit(hub_constants.ENDPOINT).hostname
+        lines.append(
+            f"  - {host} cannot be reached (no network?), so only models already in the local cache can be loaded"
+        )
     lines.append(
         f"  - no network? on a machine with one run `hf download {source} --local-dir ./model`, "
         f"copy the folder over and pass {flag} ./model"
@@ -228,14 +257,35 @@ def load_pretrained(
     """``cls.from_pretrained(name)`` in ``target``'s dtype, moved to its device.
 
     ``flag`` is how the user gave ``name`` (``--model``, ``--controlnet``, an environment variable),
-    so that a failure says which setting to change.
+    so that a failure says which setting to change. A hub id is loaded from the local cache alone
+    when the hub cannot be reached (:func:`hub_reachable`), so that no network fails in seconds.
     """
     source = _source(str(name), flag)
+    unreachable = not Path(source).is_dir() and not _hub_offline() and not hub_reachable()
+    if unreachable:
+        kwargs["local_files_only"] = True
     try:
         loaded = cls.from_pretrained(source, **{_DTYPE_KWARG: target.dtype}, **kwargs)
     except OSError as err:
-        raise ExampleError(_load_advice(source, flag, err)) from err
+        raise ExampleError(_load_advice(source, flag, err, unreachable=unreachable)) from err
     return loaded.to(target.device)
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """``(width, height)`` in pixels that the pipeline's UNet was trained at (512 for SD 1.5, 1024 for SDXL).
+
+    Image-to-image and ControlNet take their output size from the input picture, so the input is
+    resized to this unless ``--width``/``--height`` say otherwise; text-to-image pipelines use it too.
+    """
+    sample = pipe.unet.config.sample_size
+    height, width = (sample, sample) if isinstance(sample, int) else sample
+    return width * pipe.vae_scale_factor, height * pipe.vae_scale_factor
+
+
+def image_size(args: argparse.Namespace, pipe: Any) -> tuple[int, int]:
+    """``(width, height)``: ``--width`` and ``--height`` where given, else the model's native size."""
+    width, height = native_size(pipe)
+    return args.width or width, args.height or height
 
 
 def output_path(out: Path, default_name: str) -> Path:

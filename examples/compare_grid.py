@@ -38,12 +38,23 @@ def _prompt_file(text: str) -> list[str]:
     return prompts
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = example_parser(__doc__, model=MODEL, prompt=None)
     prompts = parser.add_mutually_exclusive_group()
-    prompts.add_argument("--prompts", nargs="+", default=list(PROMPTS), help="one or more prompts, one per row")
-    prompts.add_argument("--prompt-file", type=_prompt_file, help="text file with one prompt per line")
-    args = parser.parse_args(argv)
+    prompts.add_argument(
+        "--prompts",
+        nargs="+",
+        default=list(PROMPTS),
+        help="one or more prompts, one per row (default: 4 sample prompts: corgi, ramen, lighthouse, city)",
+    )
+    prompts.add_argument(
+        "--prompt-file", type=_prompt_file, help="text file with one prompt per line, instead of --prompts"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.prompt_file is not None:
         args.prompts = args.prompt_file
     return args

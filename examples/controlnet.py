@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from canny import canny
-from common import add_image_arg, example_parser, load_pretrained, output_path, resolve_target, run_cli
+from common import add_image_arg, example_parser, image_size, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from images import input_image
@@ -23,22 +23,27 @@ CONTROLNET = "lllyasviel/sd-controlnet-canny"
 PROMPT = "a cozy cottage in the mountains at sunset, detailed, warm colors"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT, side=512)
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with the input resized to the model's native size unless --width/--height say otherwise."""
+    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT)
     add_image_arg(parser, "picture whose canny edges guide the generation")
     parser.add_argument(
         "--controlnet", default=CONTROLNET, help=f"canny ControlNet, hub id or local folder (default: {CONTROLNET})"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Generate with each method and write edge map and results side by side; returns the PNG's path."""
     args = parse_args(argv)
     target = resolve_target(args)
-    edges = canny(input_image(args.image, args.width, args.height))
     controlnet = load_pretrained(ControlNetModel, args.controlnet, target, flag="--controlnet")
     pipe = load_pretrained(StableDiffusionControlNetPipeline, args.model, target, controlnet=controlnet)
+    edges = canny(input_image(args.image, *image_size(args, pipe)))
     runs = compare(
         pipe,
         args.methods,

@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import add_image_arg, example_parser, load_pretrained, output_path, resolve_target, run_cli
+from common import add_image_arg, example_parser, image_size, load_pretrained, output_path, resolve_target, run_cli
 from comparison import compare, save_comparison
 from diffusers import StableDiffusionImg2ImgPipeline
 from images import input_image
@@ -28,10 +28,16 @@ def _strength(text: str) -> float:
     return value
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT, side=512)
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with the input resized to the model's native size unless --width/--height say otherwise."""
+    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT)
     add_image_arg(parser, "input image")
     parser.add_argument("--strength", type=_strength, default=0.75, help="how far the image is noised (default: 0.75)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if int(args.steps * args.strength) < 1:  # diffusers runs int(steps * strength) steps
         parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")
@@ -42,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Generate with each method and write input and results side by side; returns the PNG's path."""
     args = parse_args(argv)
     target = resolve_target(args)
-    image = input_image(args.image, args.width, args.height)
     pipe = load_pretrained(StableDiffusionImg2ImgPipeline, args.model, target)
+    image = input_image(args.image, *image_size(args, pipe))
     runs = compare(
         pipe,
         args.methods,

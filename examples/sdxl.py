@@ -20,9 +20,12 @@ MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 PROMPT = "a photo of an astronaut riding a horse on the moon, high detail"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return example_parser(__doc__, model=MODEL, prompt=PROMPT)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = example_parser(__doc__, model=MODEL, prompt=PROMPT)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

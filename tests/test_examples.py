@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import ModuleType
 
@@ -35,6 +37,7 @@ import agentsd  # noqa: E402
 
 TILE = 32  # the tiny pipelines' image size
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--seed", "0"]
+SCRIPTS = ("sdxl", "img2img", "controlnet", "compare_grid")
 
 
 def load_script(name: str) -> ModuleType:
@@ -43,15 +46,6 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle-spinning threads cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +92,20 @@ def test_img2img_script_reads_image(models: dict[str, Path], tmp_path: Path) -> 
     assert sheet_width(out) == 3 * TILE
 
 
+@pytest.mark.parametrize("script", ["img2img", "controlnet"])
+def test_input_image_is_resized_to_the_models_native_size(script: str, models: dict[str, Path], tmp_path: Path) -> None:
+    """The tiny SD models are trained at 32 px (sample_size 16, VAE factor 2), as SD 1.5 is at 512."""
+    picture = tmp_path / "input.png"
+    Image.new("RGB", (40, 24), "red").save(picture)
+    model = models["sd" if script == "img2img" else "controlnet"]
+    argv = ["--model", str(model), "--image", str(picture), "--steps", "2", "--device", "cpu", "--methods", "SD"]
+    if script == "controlnet":
+        argv += ["--controlnet", str(model / "controlnet")]
+    out = load_script(script).main([*argv, "--out", str(tmp_path)])
+    with Image.open(out) as sheet:
+        assert sheet.width == 2 * TILE  # input and one result, each 32 px wide (not 512)
+
+
 def test_controlnet_script_writes_edges_and_results(models: dict[str, Path], tmp_path: Path) -> None:
     folder = models["controlnet"]
     argv = ["--model", str(folder), "--controlnet", str(folder / "controlnet"), "--prompt", "a dog", *FAST]
@@ -129,7 +137,7 @@ def test_notebook_runs_top_to_bottom(models: dict[str, Path], monkeypatch: pytes
     notebook = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
     monkeypatch.setenv("AGENTSD_MODEL", str(models["sd"]))
     monkeypatch.setenv("AGENTSD_STEPS", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch, as one_thread does here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch, as conftest does here
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     client = NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": EXAMPLES}})
     client.execute()
@@ -184,6 +192,16 @@ def test_contact_sheet_lays_out_rows_and_save_png_replaces(tmp_path: Path) -> No
     assert sheet_width(path) == 20
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default(script: str) -> None:
+    parser = load_script(script).build_parser()
+    for action in parser._actions:
+        if action.dest != "help" and (action.default is not None or action.dest in ("height", "width")):
+            assert "(default: " in action.help, f"{script}: {action.option_strings} hides its default"
+    sizes = {action.dest: action.help for action in parser._actions if action.dest in ("height", "width")}
+    assert sizes == dict.fromkeys(("height", "width"), "in pixels (default: the model's native size)")
+
+
 # --- errors a new user hits, reported before any model is loaded ------------------------------------
 
 MISSING = ["--model", "nobody/agentsd-no-such-model"]
@@ -212,6 +230,37 @@ def test_unknown_hub_id_offline_says_what_to_do(tmp_path: Path) -> None:
     assert "--model 'nobody/agentsd-no-such-model'" in message
     assert "hf auth login" in message and "HF_HUB_OFFLINE" in message and "--model ./model" in message
     assert not list(tmp_path.iterdir())
+
+
+def test_every_script_fails_fast_without_a_network(tmp_path: Path) -> None:
+    """No network (the hub's host refuses connections) and no cache: each script fails in seconds.
+
+    Without the up-front check huggingface_hub retries AutoPipeline's config lookup for about 30 s
+    (1 + 2 + 4 + 8 + 8 s of backoff). HF_HUB_OFFLINE is unset here, so nothing but the check helps.
+    """
+    driver = textwrap.dedent(
+        f"""
+        import importlib, sys, time
+        sys.path[:0] = [{str(REPO)!r}, {str(EXAMPLES)!r}]
+        from common import ExampleError
+        for name in {SCRIPTS!r}:
+            script = importlib.import_module(name)
+            start = time.perf_counter()
+            try:
+                script.main(["--device", "cpu", "--out", {str(tmp_path)!r}])
+            except ExampleError as err:
+                print(name, round(time.perf_counter() - start, 1), "cannot be reached" in str(err), flush=True)
+        """
+    )
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_") and key not in proxies}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=300)
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [row[0] for row in rows] == list(SCRIPTS), done.stderr[-2000:]
+    for name, seconds, explained in rows:
+        assert explained == "True", f"{name}: the error does not say the hub cannot be reached"
+        assert float(seconds) < 10, f"{name} took {seconds} s to fail without a network"
 
 
 def test_missing_controlnet_names_its_flag(models: dict[str, Path]) -> None:
