@@ -163,7 +163,7 @@ class WrappedAttention:
     def restore(self) -> None:
         """Put back the wrapped processor; a processor the user set since then stays (unwrapped)."""
         current = self.attn.processor
-        if current is self.wrapper or isinstance(current, TokenMergeProcessor):
+        if isinstance(current, TokenMergeProcessor):  # ours, or a detached copy a loader made of it
             self.attn.set_processor(current.inner)
 
 
