@@ -83,10 +83,12 @@ class UNetState:
 
 @dataclass(eq=False)
 class BlockState:
-    """One patched transformer block: its resolution level, its grid layout and merge plan of the current call."""
+    """One patched transformer block (``name``: its path in the UNet, in the summary): its resolution
+    level, and the grid layout and merge plan of the current call."""
 
     unet: UNetState
     downsample: int
+    name: str = ""
     last_stage: Stage = "attn1"
     layout: GridLayout | None = None
     plan: MergePlan | None = None
@@ -175,7 +177,6 @@ class UNetHook(ModelHook):
         self.state = state
         self.max_downsample = max_downsample
         self.total_blocks = total_blocks
-        self.blocks: dict[str, BlockState] = {}
         self.wrapped: list[WrappedAttention] = []
         self.hooked_modules: list[HookedModule] = []
 
@@ -451,8 +452,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
         stages = _merging_stages(config, block)
         if not stages:
             continue
-        block_state = BlockState(unet=state, downsample=downsample, last_stage=stages[-1])
-        unet_hook.blocks[name] = block_state
+        block_state = BlockState(unet=state, downsample=downsample, name=name, last_stage=stages[-1])
         state.blocks.append(block_state)
         _add_hook(block, BlockHook(block_state), unet_hook)
         for stage in stages:
@@ -465,7 +465,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             unet_hook.wrapped.append(wrapped)
             attn.set_processor(wrapped.wrapper)
     _refresh_child_registries(unet)
-    if not unet_hook.blocks:
+    if not state.blocks:
         levels = "/".join(map(str, sorted({downsample for _, _, downsample in blocks})))
         why = (
             f"max_downsample={max_downsample} is below every attention level of this model (downsample {levels}); "
@@ -503,8 +503,8 @@ def patch_summary(model: Any) -> PatchSummary | None:
     if unet_hook is None:
         return None
     blocks = tuple(
-        PatchedBlock(name=name, downsample=state.downsample, tokens_seen=state.tokens_seen)
-        for name, state in unet_hook.blocks.items()
+        PatchedBlock(name=block.name, downsample=block.downsample, tokens_seen=block.tokens_seen)
+        for block in unet_hook.state.blocks
     )
     return PatchSummary(
         config=unet_hook.state.config,
