@@ -54,9 +54,7 @@ def main() -> None:
     with torch.no_grad():
         for i in range(args.repeats):
             for name in args.methods if i % 2 == 0 else reversed(args.methods):
-                start = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(speed.timed(calls[name], torch.device("cpu")))
     base = statistics.median(times[args.methods[0]])
     print(f"| method | s/forward (min-max) | vs {args.methods[0]} |\n|---|---|---|")
     for name, ts in times.items():
