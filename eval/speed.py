@@ -19,13 +19,14 @@ Two measurements, chosen with ``--mode``:
   toy text encoders and VAE (``unet_configs.Arch.build_pipeline``); with ``--model`` the real one.
   Both run with ``output_type="latent"``: the VAE decode is no method's business.
 
-Every method comes from the one registry, ``eval/methods.py``. Fairness is built in: one model,
-the same seeded inputs, seeds and settings for every method, warm-up calls before timing, and
-methods interleaved within each repeat (apply, time, remove), in alternating order (forward in
-even repeats, backward in odd ones) so that a drift of a shared machine during a repeat hits every
-method alike; medians are shown with their min-max. With ``--compile regional|full`` each method
-instead runs as one block on a freshly reset ``torch._dynamo`` (compiled, patched once, warmed up,
-timed), so that the reported compile count of the timed calls shows whether a method recompiles.
+Every method comes from the one registry, ``eval/methods.py``. Fairness is built in: the same
+weights, seeded inputs, seeds and settings for every method, warm-up calls before timing, and
+methods interleaved within each repeat, in alternating order (forward in even repeats, backward in
+odd ones) so that a drift of a shared machine during a repeat hits every method alike; medians are
+shown with their min-max. To interleave compiled methods too, each method runs on its own twin of
+the model (new modules around the same weight tensors), compiled (``--compile regional|full``),
+patched and warmed up once; the reported compile count of the timed calls shows whether a method
+recompiles.
 
 Peak memory is measured in one extra untimed call per method and resolution: the peak of the
 memory allocated during the call above what was allocated before it (weights and inputs excluded),
@@ -40,6 +41,7 @@ seconds, scaled to every later call by a cost model (see :class:`Estimate`).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import gc
 import itertools
@@ -49,6 +51,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -313,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="full",
         default="none",
         help="none: eager; regional: diffusers' unet.compile_repeated_blocks(fullgraph=True); "
-        "full: torch.compile of the whole UNet (a bare --compile); dynamic=False, each method compiled afresh",
+        "full: torch.compile of the whole UNet (a bare --compile); dynamic=False, each method on its own twin",
     )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' checks tracing only)"
@@ -477,8 +480,9 @@ def unet_workload(unet: torch.nn.Module, args: argparse.Namespace, resolution: i
 
     def call(generate: Callable[..., Any], warmup: bool) -> Any:
         torch.manual_seed(SEED)  # tomesd draws its destinations from the global generator
-        # The sample goes positionally, as pipelines pass it: tomesd's pre-hook reads it from args[0].
-        return unet(sample, timestep, **cond)
+        # ``generate`` is the variant's twin of ``unet``. The sample goes positionally, as pipelines
+        # pass it: tomesd's pre-hook reads it from args[0].
+        return generate(sample, timestep, **cond)
 
     return Workload("unet", resolution, args.batch // 2, 1, call)
 
@@ -541,8 +545,27 @@ def peak_memory(call: Callable[[], Any], device: torch.device) -> int:
     return max(itertools.accumulate((event.nbytes() for event in events), initial=0))
 
 
-def compile_unet(unet: torch.nn.Module, mode: str, backend: str, fullgraph: bool) -> None:
-    """Compile ``unet`` in place, so that patching it (or the pipeline holding it) reaches the compiled code."""
+def twin(target: Any) -> Any:
+    """A copy of ``target`` (a UNet or a pipeline) with modules of its own around the same weights.
+
+    Every variant of a workload runs on its own twin, applied (and compiled) once: the variants can
+    then be timed in turn, compiled ones each with their compiled code, and none pays for the
+    others' weights in memory. Parameters and buffers are shared (put in ``deepcopy``'s memo), the
+    rest (module objects, hooks, processors, scheduler, tokenizers) is copied.
+    """
+    modules = [target] if isinstance(target, torch.nn.Module) else getattr(target, "components", {}).values()
+    weights = (
+        tensor
+        for module in modules
+        if isinstance(module, torch.nn.Module)
+        for tensor in itertools.chain(module.parameters(), module.buffers())
+    )
+    return copy.deepcopy(target, memo={id(tensor): tensor for tensor in weights})
+
+
+def compile_unet(target: Any, mode: str, backend: str, fullgraph: bool) -> None:
+    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code."""
+    unet = getattr(target, "unet", target)
     if mode == "regional":
         unet.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, backend=backend)
     elif mode == "full":
@@ -562,8 +585,8 @@ class Estimate:
     Each call's cost is :meth:`Workload.cost` (UNet forwards of its size, :func:`forward_cost`);
     the first timed call gives the seconds per unit, and every later call is costed at that rate,
     every method alike (so a method faster than the first one makes the figure an upper bound).
-    Compiled runs add, for each later method, the compile time that the first one took (its
-    warm-up calls minus their cost).
+    Compiled runs add, for each method still to compile, the mean compile time of those compiled
+    so far (their warm-up calls minus their cost).
     """
 
     def __init__(self, label: str, total: float, blocks: int) -> None:
@@ -574,12 +597,12 @@ class Estimate:
     def add(self, cost: float) -> None:
         self.done += cost
 
-    def show(self, cost: float, seconds: float, compile_seconds: float = 0.0) -> None:
-        """After a call of ``cost`` units took ``seconds``; ``compile_seconds`` of one method's compiling."""
+    def show(self, cost: float, seconds: float, compile_seconds: float = 0.0, compiled: int = 0) -> None:
+        """After a call of ``cost`` units took ``seconds``; ``compiled`` methods took ``compile_seconds`` each."""
         if self.shown:
             return
         self.shown = True
-        left = (self.total - self.done) * seconds / cost + (self.blocks - 1) * compile_seconds
+        left = (self.total - self.done) * seconds / cost + (self.blocks - compiled) * compile_seconds
         compiling = f" + {compile_seconds:.0f} s compiling per method" if compile_seconds else ""
         print(
             f"\nspeed: {self.label}: first call {seconds:.1f} s{compiling}; about {_duration(left)} to go "
@@ -608,7 +631,6 @@ class Measurement:
 def measure(
     workload: Workload,
     target: Any,
-    unet: torch.nn.Module,
     plan: Sequence[Variant],
     args: argparse.Namespace,
     compile_mode: str,
@@ -617,12 +639,17 @@ def measure(
 ) -> dict[Variant, Measurement]:
     """Warm up, time and measure the memory of every variant on one workload.
 
-    Eager: one block of all variants, each applied around each of its calls, repeats interleaving
-    the variants in alternating order. Compiled: one block per variant on a reset ``torch._dynamo``,
-    compiled and applied once, so that the compile count of the timed calls is the variant's own
-    recompilations; a variant that fails ``fullgraph=True`` is compiled again without it, and says so.
+    Each variant gets its own :func:`twin` of ``target``, compiled (with ``compile_mode``), applied
+    and warmed up once, and stays so for the whole workload. The timed calls then go round the
+    variants in turn, in alternating order (forward in even repeats, backward in odd ones), so that
+    a drift of a shared machine hits every variant alike, compiled or not. Compiled: the variants
+    share one ``torch._dynamo`` cache, reset first; a variant that fails ``fullgraph=True`` is
+    compiled again without it, and says so; its compile count is that of its timed calls (0 unless
+    it recompiles), its graph breaks those of its own compilation.
     """
     results = {variant: Measurement() for variant in plan}
+    compiled = compile_mode != "none"
+    warmups: list[float] = []  # seconds of every variant's warm-up calls, compiling included
 
     def call(variant: Variant, generate: Callable[..., Any], what: str, warmup: bool = False) -> float:
         # Shown while the call runs: a whole generation on a CPU can take many minutes.
@@ -630,63 +657,65 @@ def measure(
         seconds = timed(lambda: workload.call(generate, warmup), args.device)
         estimate.add(workload.cost(warmup))
         progress.update()
+        if warmup:
+            warmups.append(seconds)
+            if not compiled:
+                estimate.show(workload.cost(warmup=True), seconds)
         return seconds
 
-    def memory(variant: Variant, generate: Callable[..., Any]) -> None:
-        progress.set_postfix_str(f"{workload.mode} {workload.resolution}px {variant.name} memory")
-        results[variant].peak_bytes = peak_memory(lambda: workload.call(generate, False), args.device)
-        estimate.add(workload.cost())
-        progress.update()
-
-    def applied(variant: Variant) -> Any:
-        return variant.method.applied(target, ratio=variant.ratio, seed=SEED, options=args.options)
-
-    if compile_mode == "none":
-        for variant in plan:
-            for _ in range(args.warmup):
-                with applied(variant) as generate:
-                    seconds = call(variant, generate, "warm-up", warmup=True)
-                estimate.show(workload.cost(warmup=True), seconds)
-        for repeat in range(args.repeats):
-            for variant in plan if repeat % 2 == 0 else plan[::-1]:
-                with applied(variant) as generate:
-                    seconds = call(variant, generate, f"repeat {repeat + 1}/{args.repeats}")
-                results[variant].seconds.append(seconds)
-                estimate.show(workload.cost(), seconds)
-        if args.memory:
-            for variant in plan:
-                with applied(variant) as generate:
-                    memory(variant, generate)
-        return results
-
-    for variant in plan:
+    def prepare(variant: Variant, ready: ExitStack) -> Callable[..., Any]:
+        """The variant applied to its compiled twin and warmed up, left applied in ``ready``."""
         result = results[variant]
         for fullgraph in (True, False) if compile_mode == "regional" else (False,):
-            torch._dynamo.reset()
-            compile_unet(unet, compile_mode, args.compile_backend, fullgraph)
+            model = twin(target)
+            if compiled:
+                compile_unet(model, compile_mode, args.compile_backend, fullgraph)
             breaks = _dynamo_count("graph_break")
             try:
-                with applied(variant) as generate:
-                    warm = sum(call(variant, generate, "warm-up + compile", warmup=True) for _ in range(args.warmup))
-                    frames = _dynamo_count("frames", "total")
-                    for repeat in range(args.repeats):
-                        result.seconds.append(call(variant, generate, f"repeat {repeat + 1}/{args.repeats}"))
-                        # Compiling: the warm-up's seconds beyond what its calls cost once compiled.
-                        rate = result.seconds[0] / workload.cost()
-                        estimate.show(
-                            workload.cost(), result.seconds[0], warm - args.warmup * workload.cost(True) * rate
-                        )
-                    result.compiles = _dynamo_count("frames", "total") - frames
-                    if args.memory:
-                        memory(variant, generate)
+                with ExitStack() as attempt:
+                    generate = attempt.enter_context(
+                        variant.method.applied(model, ratio=variant.ratio, seed=SEED, options=args.options)
+                    )
+                    what = "warm-up + compile" if compiled else "warm-up"
+                    for _ in range(args.warmup):
+                        call(variant, generate, what, warmup=True)
+                    ready.enter_context(attempt.pop_all())
             except torch._dynamo.exc.Unsupported as error:
                 if not fullgraph:
                     raise
-                result.seconds.clear()
                 result.note = f"fullgraph=True failed ({str(error).splitlines()[0]}); compiled with graph breaks"
                 continue
-            result.graph_breaks = _dynamo_count("graph_break") - breaks
-            break
+            if compiled:
+                result.graph_breaks = _dynamo_count("graph_break") - breaks
+            return generate
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    with ExitStack() as ready:
+        if compiled:
+            torch._dynamo.reset()
+        generates = {variant: prepare(variant, ready) for variant in plan}
+        for variant in plan if compiled else ():
+            results[variant].compiles = 0
+        for repeat in range(args.repeats):
+            for variant in plan if repeat % 2 == 0 else plan[::-1]:
+                frames = _dynamo_count("frames", "total")
+                seconds = call(variant, generates[variant], f"repeat {repeat + 1}/{args.repeats}")
+                results[variant].seconds.append(seconds)
+                if compiled:
+                    results[variant].compiles += _dynamo_count("frames", "total") - frames
+                    # Compiling: the warm-up calls' seconds beyond what they cost once compiled.
+                    rate = seconds / workload.cost()
+                    compiling = (sum(warmups) - len(warmups) * workload.cost(True) * rate) / len(plan)
+                    estimate.show(workload.cost(), seconds, compiling, compiled=len(plan))
+                else:
+                    estimate.show(workload.cost(), seconds)
+        if args.memory:
+            for variant in plan:
+                progress.set_postfix_str(f"{workload.mode} {workload.resolution}px {variant.name} memory")
+                call_once = functools.partial(workload.call, generates[variant], False)
+                results[variant].peak_bytes = peak_memory(call_once, args.device)
+                estimate.add(workload.cost())
+                progress.update()
     return results
 
 
@@ -805,7 +834,7 @@ def measure_run(
     with torch.inference_mode(), progress:
         for workload in workloads:
             target = unet if workload.mode == "unet" else pipe
-            results = measure(workload, target, unet, plans[workload.mode], args, run.compile, progress, estimate)
+            results = measure(workload, target, plans[workload.mode], args, run.compile, progress, estimate)
             rows += rows_for(run, workload, results, args.baseline)
             # After every workload: an interrupted hours-long CPU run keeps what it measured.
             report(rows)

@@ -99,21 +99,41 @@ def test_real_sdxl_pipeline(speed, tmp_path):
     assert {row["baseline"] for row in results} == {"tomesd"}
 
 
-def test_repeats_alternate_the_order_and_the_estimate_is_shown_once(speed, capsys):
+def test_variants_run_on_twins_in_alternating_order_and_the_estimate_is_shown_once(speed, capsys):
+    """Each variant gets its own twin of the model, kept for all its calls, so that the timed calls
+    can go round the variants (forward, then backward) whether or not they are compiled."""
     from methods import Method, Variant
 
     plan = [Variant(Method(name, name, name, uses_ratio=False)) for name in "abc"]
     shown: list[str] = []
     progress = argparse.Namespace(set_postfix_str=shown.append, update=lambda: None)
-    workload = speed.Workload("unet", 64, 1, 1, lambda generate, warmup: None)
+    models: list[object] = []
+    workload = speed.Workload("unet", 64, 1, 1, lambda generate, warmup: models.append(generate))
     args = argparse.Namespace(warmup=1, repeats=3, memory=False, device=torch.device("cpu"), options=None)
     estimate = speed.Estimate("test", total=12 * workload.cost(), blocks=0)
-    results = speed.measure(workload, object(), None, plan, args, "none", progress, estimate)
+    target = torch.nn.Linear(2, 2)
+    results = speed.measure(workload, target, plan, args, "none", progress, estimate)
 
     timed = [line.split()[2] for line in shown if "repeat" in line]
     assert timed == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert all(len(result.seconds) == 3 for result in results.values())
     assert capsys.readouterr().err.count("to go") == 1
+    called = [line.split()[2] for line in shown]  # warm-ups, then the timed calls
+    twins = {name: {id(model) for n, model in zip(called, models) if n == name} for name in "abc"}
+    assert all(len(ids) == 1 for ids in twins.values()) and len(set.union(*twins.values())) == 3
+    assert id(target) not in set.union(*twins.values())
+    assert all(model.weight is target.weight for model in models)  # new modules, the same weights
+
+
+def test_twin_of_a_pipeline_shares_every_weight(speed):
+    from unet_configs import ARCHS
+
+    pipe = ARCHS["tiny"].build_pipeline()
+    copy = speed.twin(pipe)
+    assert copy is not pipe and copy.unet is not pipe.unet and copy.scheduler is not pipe.scheduler
+    for name in ("unet", "vae", "text_encoder"):
+        original, twin = getattr(pipe, name), getattr(copy, name)
+        assert all(a is b for a, b in zip(original.parameters(), twin.parameters(), strict=True))
 
 
 def test_estimate_scales_the_first_call_by_the_cost_model(speed, capsys):
@@ -121,7 +141,7 @@ def test_estimate_scales_the_first_call_by_the_cost_model(speed, capsys):
     assert speed.forward_cost(1024) == pytest.approx(0.8 * 4 + 0.2 * 16)
     estimate = speed.Estimate("test", total=10.0, blocks=3)
     estimate.add(1.0)
-    estimate.show(1.0, 2.0, compile_seconds=5.0)  # 9 units left at 2 s, two more methods to compile
+    estimate.show(1.0, 2.0, compile_seconds=5.0, compiled=1)  # 9 units left at 2 s, two more methods to compile
     assert "about 28 s to go" in capsys.readouterr().err
 
 
