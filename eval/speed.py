@@ -642,10 +642,17 @@ def measure(
     Each variant gets its own :func:`twin` of ``target``, compiled (with ``compile_mode``), applied
     and warmed up once, and stays so for the whole workload. The timed calls then go round the
     variants in turn, in alternating order (forward in even repeats, backward in odd ones), so that
-    a drift of a shared machine hits every variant alike, compiled or not. Compiled: the variants
-    share one ``torch._dynamo`` cache, reset first; a variant that fails ``fullgraph=True`` is
-    compiled again without it, and says so; its compile count is that of its timed calls (0 unless
-    it recompiles), its graph breaks those of its own compilation.
+    a drift of a shared machine hits every variant alike, eager or regionally compiled. Compiled,
+    a variant that fails ``fullgraph=True`` is compiled again without it, and says so; its compile
+    count is that of its timed calls (0 unless it recompiles), its graph breaks those of its own
+    compilation.
+
+    Regionally compiled variants share one ``torch._dynamo`` cache, reset first: each compiled
+    frame is a whole transformer block, guarded on its class, hooks and processors. Whole-model
+    compilation cannot share it: its frames are the UNet's own methods, which every twin runs, and
+    the entries a variant with graph breaks leaves there (tomesd, or AgentSD's one break per call)
+    also pass the guards of another twin's calls, which then run split graphs and recompile. So
+    each variant runs alone there, on a freshly reset cache, and drift between them is not evened out.
     """
     results = {variant: Measurement() for variant in plan}
     compiled = compile_mode != "none"
@@ -690,32 +697,37 @@ def measure(
             return generate
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    with ExitStack() as ready:
-        if compiled:
-            torch._dynamo.reset()
-        generates = {variant: prepare(variant, ready) for variant in plan}
-        for variant in plan if compiled else ():
-            results[variant].compiles = 0
-        for repeat in range(args.repeats):
-            for variant in plan if repeat % 2 == 0 else plan[::-1]:
-                frames = _dynamo_count("frames", "total")
-                seconds = call(variant, generates[variant], f"repeat {repeat + 1}/{args.repeats}")
-                results[variant].seconds.append(seconds)
-                if compiled:
-                    results[variant].compiles += _dynamo_count("frames", "total") - frames
-                    # Compiling: the warm-up calls' seconds beyond what they cost once compiled.
-                    rate = seconds / workload.cost()
-                    compiling = (sum(warmups) - len(warmups) * workload.cost(True) * rate) / len(plan)
-                    estimate.show(workload.cost(), seconds, compiling, compiled=len(plan))
-                else:
-                    estimate.show(workload.cost(), seconds)
-        if args.memory:
-            for variant in plan:
-                progress.set_postfix_str(f"{workload.mode} {workload.resolution}px {variant.name} memory")
-                call_once = functools.partial(workload.call, generates[variant], False)
-                results[variant].peak_bytes = peak_memory(call_once, args.device)
-                estimate.add(workload.cost())
-                progress.update()
+    # Whole-model compilation runs each variant alone on a fresh cache (see the docstring).
+    groups = [[variant] for variant in plan] if compile_mode == "full" else [list(plan)]
+    prepared = 0
+    for group in groups:
+        with ExitStack() as ready:
+            if compiled:
+                torch._dynamo.reset()
+            generates = {variant: prepare(variant, ready) for variant in group}
+            prepared += len(group)
+            for variant in group if compiled else ():
+                results[variant].compiles = 0
+            for repeat in range(args.repeats):
+                for variant in group if repeat % 2 == 0 else group[::-1]:
+                    frames = _dynamo_count("frames", "total")
+                    seconds = call(variant, generates[variant], f"repeat {repeat + 1}/{args.repeats}")
+                    results[variant].seconds.append(seconds)
+                    if compiled:
+                        results[variant].compiles += _dynamo_count("frames", "total") - frames
+                        # Compiling: the warm-up calls' seconds beyond what they cost once compiled.
+                        rate = seconds / workload.cost()
+                        compiling = (sum(warmups) - len(warmups) * workload.cost(True) * rate) / prepared
+                        estimate.show(workload.cost(), seconds, compiling, compiled=prepared)
+                    else:
+                        estimate.show(workload.cost(), seconds)
+            if args.memory:
+                for variant in group:
+                    progress.set_postfix_str(f"{workload.mode} {workload.resolution}px {variant.name} memory")
+                    call_once = functools.partial(workload.call, generates[variant], False)
+                    results[variant].peak_bytes = peak_memory(call_once, args.device)
+                    estimate.add(workload.cost())
+                    progress.update()
     return results
 
 
