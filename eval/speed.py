@@ -23,10 +23,11 @@ Every method comes from the one registry, ``eval/methods.py``. Fairness is built
 weights, seeded inputs, seeds and settings for every method, warm-up calls before timing, and
 methods interleaved within each repeat, in alternating order (forward in even repeats, backward in
 odd ones) so that a drift of a shared machine during a repeat hits every method alike; medians are
-shown with their min-max. To interleave compiled methods too, each method runs on its own twin of
-the model (new modules around the same weight tensors), compiled (``--compile regional|full``),
-patched and warmed up once; the reported compile count of the timed calls shows whether a method
-recompiles.
+shown with their min-max. Each method runs on its own twin of the model (new modules around the
+same weight tensors), compiled (``--compile regional|full``), patched and warmed up once, so that
+regionally compiled methods are interleaved too; whole-model compiled ones run one after another,
+each on a fresh ``torch._dynamo`` cache (see :func:`measure`). The reported compile count of the
+timed calls shows whether a method recompiles.
 
 Peak memory is measured in one extra untimed call per method and resolution: the peak of the
 memory allocated during the call above what was allocated before it (weights and inputs excluded),
