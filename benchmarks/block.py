@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ import speed  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 
-def capture_block_call(unet: torch.nn.Module, block: torch.nn.Module, inputs: tuple, cond: dict) -> tuple[tuple, dict]:
-    """The arguments ``block`` gets in a forward ``unet(*inputs, **cond)``.
+def capture_block_call(block: torch.nn.Module, forward: Callable[[], Any]) -> tuple[tuple, dict]:
+    """The arguments ``block`` gets during ``forward()``, a forward of the UNet that holds it.
 
     The forward also leaves the patches' per-call state (phase, grid layouts, tomesd's latent size) set.
     """
@@ -41,7 +42,7 @@ def capture_block_call(unet: torch.nn.Module, block: torch.nn.Module, inputs: tu
         lambda _, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True
     )
     try:
-        unet(*inputs, **cond)  # the sample positionally: tomesd's hook reads args[0]
+        forward()
     finally:
         handle.remove()
     return seen["args"], seen["kwargs"]
@@ -63,10 +64,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     unet = ARCHS[args.arch].build_unet().eval()
-    generator = torch.Generator().manual_seed(0)
-    side = args.resolution // 8
-    inputs = (torch.randn(2, unet.config.in_channels, side, side, generator=generator), torch.tensor(981))
-    cond = speed.unet_conditioning(unet, 2, args.resolution, generator)
+    # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
+    workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
 
     calls = {}
     with ExitStack() as applied, torch.inference_mode():
@@ -77,7 +76,7 @@ def main() -> None:
                 method.applied(twin, ratio=0.4 if method.uses_ratio else None, options=registry.MethodOptions())
             )
             block = twin.get_submodule(args.block)
-            block_args, block_kwargs = capture_block_call(twin, block, inputs, cond)
+            block_args, block_kwargs = capture_block_call(block, lambda twin=twin: workload.call(twin, False))
             for fullgraph in (True, False):
                 compiled = torch.compile(block, fullgraph=fullgraph, dynamic=False)
                 try:
