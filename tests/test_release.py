@@ -2,8 +2,9 @@
 
 The package is built with setuptools' PEP 517 hooks from a copy of the repository (no network, no
 build isolation), the wheel is installed into a fresh virtual environment, and the README's quick
-start runs there on a tiny pipeline. The environment sees the system's site-packages only for torch,
-diffusers and transformers (so nothing is downloaded); the agentsd it imports must be the wheel's.
+start runs there on a tiny pipeline. The environment borrows torch, diffusers and transformers from the
+interpreter running the tests (so nothing is downloaded), whether that is a virtual environment or a system
+Python; the agentsd it imports must be the wheel's.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import email
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import textwrap
 import zipfile
@@ -92,13 +95,42 @@ def test_no_extra_can_replace_the_users_torch(dist: dict[str, Path]) -> None:
     assert [r for r in core if r.startswith("torch")] == ["torch>=2.1"]
 
 
+def _running_site_packages() -> list[str]:
+    """The site-packages folders of the interpreter running the tests, the checkout excluded.
+
+    ``venv --system-site-packages`` would not do: run from a virtual environment, it exposes the *base*
+    interpreter's site-packages, not the environment's, where torch and diffusers actually are.
+    """
+    folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    found = []
+    for folder in map(Path, folders):
+        if folder.is_dir() and not folder.resolve().is_relative_to(REPO) and str(folder) not in found:
+            found.append(str(folder))
+    return found
+
+
+def _venv_borrowing_packages(venv: Path, cwd: Path) -> Path:
+    """A fresh virtual environment that also sees the running interpreter's packages; returns its python.
+
+    A ``.pth`` file appends those folders to ``sys.path`` after the environment's own site-packages, so
+    what is installed into the environment (the wheel) wins. The appended folders' own ``.pth`` files
+    are not run, so an editable install of the checkout there stays invisible.
+    """
+    _run(sys.executable, "-m", "venv", venv, cwd=cwd)
+    python = venv / "bin" / "python"
+    purelib = _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=cwd).strip()
+    (Path(purelib) / "_agentsd_test_borrowed.pth").write_text("\n".join(_running_site_packages()) + "\n")
+    return python
+
+
 @pytest.mark.slow
 def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    # --ignore-installed: the system's agentsd (an editable install, seen through the system site-packages)
-    # has the same version, and pip would otherwise call the wheel already satisfied and skip it.
+    python = _venv_borrowing_packages(venv, tmp_path)
+    # --ignore-installed: the tests' agentsd (often an editable install, whose metadata is in the borrowed
+    # site-packages) has the same version, and pip would otherwise call the wheel already satisfied.
     install = ("install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", dist["wheel"])
     _run(python, "-m", "pip", *install, cwd=tmp_path)
     quick_start = textwrap.dedent(
