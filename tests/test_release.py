@@ -201,3 +201,7 @@ def test_ci_runs_the_readme_test_command_last() -> None:
     positions = [ci.index(step) for step in steps]  # ValueError: a step of the README is not in .ci/run
     assert positions == sorted(positions)
     assert ".ci/floor-run" in ci and ci.index(".ci/floor-run") < positions[-1]  # the main summary ends the log
+    # ... in a fresh venv of its own, so that packages left on the CI machine cannot hide a missing install
+    before = ci[: positions[0]]
+    made = next(i for i, line in enumerate(before) if re.fullmatch(r'python3 -m venv "(\$\w+)/venv"', line))
+    assert any(re.fullmatch(r'(source|\.) "\$\w+/venv/bin/activate"', line) for line in before[made:])
