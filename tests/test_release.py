@@ -126,9 +126,22 @@ def _venv_borrowing_packages(venv: Path, cwd: Path) -> Path:
 
 
 @pytest.mark.slow
+def test_pipelines_extra_brings_what_a_pipeline_needs(dist: dict[str, Path]) -> None:
+    """The core is torch and diffusers; StableDiffusionPipeline also needs transformers (README: Install)."""
+    metadata = _metadata(dist["wheel"])
+    assert "pipelines" in (metadata.get_all("Provides-Extra") or [])
+    requirements = metadata.get_all("Requires-Dist") or []
+    extra = {_name(re.split(r"[<>=!~; \[]", r, maxsplit=1)[0]) for r in requirements if "pipelines" in r}
+    assert extra == {"transformers", "accelerate"}
+    core = {_name(re.split(r"[<>=!~; \[]", r, maxsplit=1)[0]) for r in requirements if "extra ==" not in r}
+    assert core == {"torch", "diffusers"}
+
+
+@pytest.mark.slow
 def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     python = _venv_borrowing_packages(venv, tmp_path)
+    # --no-deps: torch, diffusers and transformers (what `agentsd[pipelines]` adds) are borrowed, not fetched.
     # --ignore-installed: the tests' agentsd (often an editable install, whose metadata is in the borrowed
     # site-packages) has the same version, and pip would otherwise call the wheel already satisfied.
     install = ("install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", dist["wheel"])
