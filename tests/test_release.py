@@ -218,3 +218,15 @@ def test_ci_runs_the_readme_test_command_last() -> None:
     before = ci[: positions[0]]
     made = next(i for i, line in enumerate(before) if re.fullmatch(r'python3 -m venv "(\$\w+)/venv"', line))
     assert any(re.fullmatch(r'(source|\.) "\$\w+/venv/bin/activate"', line) for line in before[made:])
+
+
+def test_readme_knob_table_gives_the_phase_defaults() -> None:
+    """Every defaulted field of agentsd.Phase appears with its default in the README's "Every knob" table."""
+    import dataclasses
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Every knob", 1)[1].split("\n#", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith("| `Phase("))
+    for field in dataclasses.fields(agentsd.Phase):
+        if field.default is not dataclasses.MISSING:
+            assert f"{field.name}={field.default:g}" in row, (field.name, row)
