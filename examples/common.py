@@ -24,7 +24,7 @@ import torch
 from comparison import METHODS, check_methods
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import GatedRepoError, HFValidationError
+from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
 from PIL import Image
@@ -306,7 +306,12 @@ def _check_model_kind(cls: type, source: str, flag: str, hub_kwargs: dict[str, A
         return
     index = Path(source) / "model_index.json"
     if not index.parent.is_dir():  # a hub id: only this small file, which from_pretrained fetches first anyway
-        index = Path(hf_hub_download(source, "model_index.json", **hub_kwargs))
+        try:
+            index = Path(hf_hub_download(source, "model_index.json", **hub_kwargs))
+        except EntryNotFoundError as err:
+            if isinstance(err, LocalEntryNotFoundError):  # offline and not cached: _load_advice explains
+                raise
+            return  # a repository without the file: from_pretrained says what is wrong
     elif not index.is_file():
         return  # from_pretrained says what is missing, and _load_advice what a diffusers folder is
     found = json.loads(index.read_text()).get("_class_name")
