@@ -102,6 +102,26 @@ class UNetState:
                 block.layout = fixed[grid]
 
 
+try:  # registers torch.ops.prims.inductor_force_stride_order, private to inductor but with an eager kernel
+    import torch._inductor.inductor_prims  # noqa: F401
+
+    _FORCE_STRIDE = torch.ops.prims.inductor_force_stride_order.default
+except (ImportError, AttributeError):  # pragma: no cover - a torch without it
+    _FORCE_STRIDE = None
+
+
+def _cond_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous operand of ``torch.cond``, in a layout inductor must keep.
+
+    Inductor (torch 2.13) compiles a cond's branches for the strides its operands were traced with,
+    but may lay an operand out otherwise (even a ``.contiguous()`` copy: the block input arrives
+    channel-strided from ``Transformer2DModel``), and the branch then fails its stride check at run
+    time. Forcing the stride pins the layout; outside inductor it is ``t.contiguous()``.
+    """
+    t = t.contiguous()
+    return t if _FORCE_STRIDE is None else _FORCE_STRIDE(t, t.stride())
+
+
 def _by_noise_level(
     level: torch.Tensor, phases: Sequence[Phase], branches: Sequence[Callable[..., torch.Tensor]], operands: tuple
 ) -> torch.Tensor:
@@ -210,7 +230,8 @@ class BlockState:
 
         timestep = self.unet.timestep
         level = timestep / self.unet.num_train_timesteps
-        return _by_noise_level(level, phases, [branch(phase) for phase in phases], (x, self.metric, timestep))
+        operands = (_cond_operand(x), _cond_operand(self.metric), timestep)
+        return _by_noise_level(level, phases, [branch(phase) for phase in phases], operands)
 
 
 def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
@@ -347,11 +368,12 @@ class PatchSummary:
             f"(downsample {'/'.join(map(str, levels)) or '-'} <= max_downsample={self.max_downsample}{seen})"
         ]
         config = self.config
-        schedule = config.schedule if isinstance(config.schedule, str) else "custom"
+        # A custom schedule ignores config.ratio: each phase line below states its own.
+        schedule = f"{config.schedule!r}, ratio {config.ratio:g}" if isinstance(config.schedule, str) else "custom"
         parts = {"merge_attn": "self-attention", "merge_crossattn": "cross-attention", "merge_mlp": "feed-forward"}
         merged = [part for name, part in parts.items() if getattr(config, name)]
         lines.append(
-            f"  schedule {schedule!r}, ratio {config.ratio:g}, merging in {', '.join(merged) or 'nothing'}, "
+            f"  schedule {schedule}, merging in {', '.join(merged) or 'nothing'}, "
             f"k_scale2 {config.k_scale2:g}, k_shortcut {config.k_shortcut:g}, seed {config.seed}"
         )
         upper = None
@@ -578,7 +600,12 @@ def is_patched(model: Any) -> bool:
 
 
 def patch_summary(model: Any) -> PatchSummary | None:
-    """The blocks AgentSD patched in ``model`` and the settings in force, or ``None`` if unpatched."""
+    """The blocks AgentSD patched in ``model`` and the settings in force, or ``None`` if unpatched.
+
+    A :class:`PatchSummary` is data (``.blocks``, ``.config``, ``.max_downsample``, ...); ``print()``
+    or ``str()`` of it gives the few lines a notebook shows. ``None`` (not an empty summary) for an
+    unpatched model, so ``if agentsd.patch_summary(pipe):`` reads as ``is_patched``.
+    """
     unet_hook = _get_hook(_find_unet(model))
     if unet_hook is None:
         return None

@@ -241,8 +241,22 @@ def test_summary_shows_the_settings_in_force():
     at_05 = str(agentsd.patch_summary(unet))
     agentsd.apply_patch(unet, schedule="fixed", ratio=0.3, sx=4, sy=4, agent_ratio=0.9)
     fixed = str(agentsd.patch_summary(unet))
+    custom = [
+        agentsd.Phase(ratio=0.5, agent_ratio=0.95, sx=4, sy=4, min_t=0.9),
+        agentsd.Phase(ratio=0.3, agent_ratio=0.0),
+    ]
+    agentsd.apply_patch(unet, schedule=custom)
+    custom_lines = str(agentsd.patch_summary(unet)).splitlines()
     agentsd.remove_patch(unet)
     assert at_04 != at_05
     assert "ratio 0.5" in at_05 and "t >= 600: agent attention (agent_ratio 0.95), ratio 0.5, sx=sy=4" in at_05
     assert "t < 600: ToMe, ratio 0.5, sx=sy=2" in at_05
-    assert "schedule 'fixed'" in fixed and "every step: agent attention (agent_ratio 0.9), ratio 0.3" in fixed
+    assert (
+        "schedule 'fixed', ratio 0.3" in fixed and "every step: agent attention (agent_ratio 0.9), ratio 0.3" in fixed
+    )
+    # A custom schedule's header names no ratio of its own (config.ratio is ignored): each phase states its own.
+    assert "schedule custom, merging in self-attention" in custom_lines[1] and "ratio" not in custom_lines[1]
+    assert custom_lines[2:] == [
+        "  t >= 900: agent attention (agent_ratio 0.95), ratio 0.5, sx=sy=4",
+        "  t < 900: ToMe, ratio 0.3, sx=sy=2",
+    ]
