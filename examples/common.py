@@ -105,6 +105,26 @@ def example_parser(doc: str, *, model: str, prompt: str | None) -> argparse.Argu
     return parser
 
 
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], how far the image is noised; got {text}")
+    return value
+
+
+def add_strength_arg(parser: argparse.ArgumentParser, default: float) -> None:
+    """Add ``--strength``, how far image-to-image noises its input (check it with :func:`check_strength_steps`)."""
+    parser.add_argument(
+        "--strength", type=_strength, default=default, help=f"how far the image is noised (default: {default})"
+    )
+
+
+def check_strength_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a ``--steps`` and ``--strength`` that run no step: diffusers runs ``int(steps * strength)``."""
+    if int(args.steps * args.strength) < 1:
+        parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")
+
+
 def _image_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
