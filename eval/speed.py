@@ -204,6 +204,21 @@ SUITES: dict[str, Suite] = {
         {"methods": list(GPU_METHODS), "dtype": "float16", "warmup": 3, "repeats": 10, "memory": True},
         _GPU_RUNS,
     ),
+    "gpu-compile": Suite(
+        "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), one forward of the "
+        "SD 1.5 architecture at 512/1024 px, each method alone on a fresh compile cache: sd, tomesd, todo, "
+        "AgentSD's two phases, ceiling, median of 10 after 3 warm-ups. It pays once AgentSD's patched UNet "
+        "compiles as one graph (today one graph break per call); not part of the 8-minute gpu suite",
+        {
+            "methods": list(GPU_METHODS),
+            "dtype": "float16",
+            "warmup": 3,
+            "repeats": 10,
+            "memory": True,
+            "compiler_mode": "reduce-overhead",
+        },
+        (Run("sd15", None, ("unet",), (512, 1024), compile="full", skip=_FORWARD_SKIPS),),
+    ),
     "gpu-smoke": Suite(
         "the gpu suite's plan on the tiny architectures at 64 px, 2 steps, 1 timed call, compiled with "
         "the 'eager' backend: checks on any machine, in about a minute, that the suite runs",
@@ -369,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' checks tracing only)"
+    )
+    parser.add_argument(
+        "--compiler-mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default=None,
+        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs; default: torch's)",
     )
     parser.add_argument(
         "--memory",
@@ -741,13 +762,18 @@ def twin(target: Any) -> Any:
     return copy.deepcopy(target, memo={id(tensor): tensor for tensor in weights})
 
 
-def compile_unet(target: Any, mode: str, backend: str, fullgraph: bool) -> None:
-    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code."""
+def compile_unet(target: Any, mode: str, backend: str, fullgraph: bool, compiler_mode: str | None = None) -> None:
+    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code.
+
+    ``compiler_mode`` is torch.compile's own ``mode`` (``reduce-overhead``: CUDA graphs), if any.
+    """
     unet = getattr(target, "unet", target)
+    options = {"fullgraph": fullgraph, "dynamic": False, "backend": backend}
+    options.update({"mode": compiler_mode} if compiler_mode else {})
     if mode == "regional":
-        unet.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, backend=backend)
+        unet.compile_repeated_blocks(**options)
     elif mode == "full":
-        unet.compile(fullgraph=fullgraph, dynamic=False, backend=backend)
+        unet.compile(**options)
 
 
 def _dynamo_count(group: str, key: str | None = None) -> int:
@@ -909,7 +935,7 @@ def measure(
         for fullgraph in (True, False) if compile_mode == "regional" else (False,):
             model = twin(target)
             if compiled:
-                compile_unet(model, compile_mode, args.compile_backend, fullgraph)
+                compile_unet(model, compile_mode, args.compile_backend, fullgraph, args.compiler_mode)
             breaks = _dynamo_count("graph_break")
             try:
                 with ExitStack() as attempt:

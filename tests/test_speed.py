@@ -277,6 +277,28 @@ def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
             assert row["note"] is None and row["graph_breaks"] == 0, row
 
 
+def test_highres_and_gpu_suites_plan_the_issues_tables(speed):
+    """highres: SD 1.5 at 1024/1536/2048 px with tomesd, ToDo, AgentSD's phases and the ceiling;
+    SDXL at 1024/2048 px without tomesd and the ToMe phase. gpu: 2048 px and ToDo added, fewer
+    repeats; gpu-compile: the whole UNet with CUDA graphs, torch.compile's mode passed through."""
+    highres = speed.SUITES["highres"]
+    assert highres.settings["methods"] == ["sd", "tomesd", "todo", "agent-phase", "tome-phase", "ceiling"]
+    sizes = {(run.arch, px) for run in highres.runs for px in run.resolutions}
+    assert sizes == {("sd15", 1024), ("sd15", 1536), ("sd15", 2048), ("sdxl", 1024), ("sdxl", 2048)}
+    assert all(run.modes == ("unet",) and run.compile == "none" for run in highres.runs)
+    assert all(set(run.skip) == {"tomesd", "tome-phase"} for run in highres.runs if run.arch == "sdxl")
+    gpu = speed.SUITES["gpu"]
+    assert "todo" in gpu.settings["methods"]
+    assert ("sd15", 2048) in {(run.arch, px) for run in gpu.runs for px in run.resolutions}
+    assert speed.SUITES["gpu-compile"].settings["compiler_mode"] == "reduce-overhead"
+
+    seen = {}
+    unet = torch.nn.Linear(2, 2)
+    unet.compile = lambda **options: seen.update(options)
+    speed.compile_unet(unet, "full", "inductor", fullgraph=False, compiler_mode="reduce-overhead")
+    assert seen == {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead"}
+
+
 def test_quick_suite_stays_a_two_minute_honest_comparison(speed):
     """The README's first command: SD against tomesd and both of AgentSD's phases (not the agent
     phase alone, its best case), in 12 forwards at 512 px (about 10 s each on 2 CPU cores)."""
@@ -298,7 +320,7 @@ def test_help_shows_every_default_once(speed):
     assert "(default: None)" not in text
     assert all(option.count("(default") <= 1 for option in options[1:])
     assert "sd15 when neither --arch nor --model" in " ".join(text.split())
-    for suite in ("quick", "gpu", "gpu-smoke"):
+    for suite in speed.SUITES:
         assert f"  {suite}: " in text
 
 
