@@ -131,15 +131,18 @@ def noise_warnings(rows: Sequence[Row], cpus: int) -> list[str]:
     above the CPU count: threads waited for a core), or repeats that disagree (spread over
     :data:`SPREAD_LIMIT` of the median). Empty when neither happened."""
     warnings = []
+    groups = list(dict.fromkeys(_group_title(_group(row)) for row in rows))
+    busy = [row for row in rows if row.load is not None and row.load > cpus]
+    if busy:
+        tables = list(dict.fromkeys(_group_title(_group(row)) for row in busy))
+        warnings.append(
+            f"load average up to {max(row.load for row in busy):.1f} on {cpus} CPUs while timing "
+            f"{'every table' if tables == groups else '; '.join(tables)} (this run's own threads included): "
+            "other work competed for the cores"
+        )
     for group, members in itertools.groupby(rows, key=_group):
         members = list(members)
         where = _group_title(group)
-        loads = [row.load for row in members if row.load is not None]
-        if loads and max(loads) > cpus:
-            warnings.append(
-                f"{where}: load average up to {max(loads):.1f} on {cpus} CPUs while timing "
-                "(this run's own threads included): other work competed for the cores"
-            )
         spreads = [(row, (row.max_s - row.min_s) / row.median_s) for row in members if len(row.seconds) > 1]
         noisy = [f"{row.method} at {row.resolution} px {share:.0%}" for row, share in spreads if share > SPREAD_LIMIT]
         if noisy:
