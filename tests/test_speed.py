@@ -382,3 +382,19 @@ def test_unloadable_model_names_the_flag(speed, tmp_path):
     with pytest.raises(SystemExit, match="argument --model: cannot load"):
         speed.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
+    """benchmarks/block.py: registered methods and --agentsd knob variants on one block, its input
+    captured from a UNet forward stopped at the block; an unknown knob is refused before any work."""
+    command = [sys.executable, "benchmarks/block.py", "--arch", "tiny", "--resolution", "64", "--repeats", "1"]
+    command += ["--threads", "1", "--modes", "eager", "--methods", "sd", "agent-phase", "ceiling"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [*command, "--agentsd", "sx=2,sy=2,agent_ratio=0.95"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ")[0].strip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["method", "sd", "agent-phase", "ceiling", "agentsd[ratio=0.4,sx=2,sy=2,agent_ratio=0.95]"]
+    bad = subprocess.run([*command, "--agentsd", "sx=2,speed=11"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "argument --agentsd" in bad.stderr
