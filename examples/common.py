@@ -113,16 +113,18 @@ def _strength(text: str) -> float:
 
 
 def add_strength_arg(parser: argparse.ArgumentParser, default: float) -> None:
-    """Add ``--strength``, how far image-to-image noises its input (check it with :func:`check_strength_steps`)."""
+    """Add ``--strength``, how far image-to-image noises its input (parse with :func:`parse_with_strength`)."""
     parser.add_argument(
         "--strength", type=_strength, default=default, help=f"how far the image is noised (default: {default})"
     )
 
 
-def check_strength_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a ``--steps`` and ``--strength`` that run no step: diffusers runs ``int(steps * strength)``."""
+def parse_with_strength(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, refusing a ``--steps`` and ``--strength`` that run no step: diffusers runs ``int(steps * strength)``."""
+    args = parser.parse_args(argv)
     if int(args.steps * args.strength) < 1:
         parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")
+    return args
 
 
 def _image_file(text: str) -> Path:

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from common import (
     add_strength_arg,
-    check_strength_steps,
     example_parser,
     image_size,
     load_pretrained,
     output_path,
+    parse_with_strength,
     resolve_target,
     run_cli,
 )
@@ -59,10 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_strength_steps(parser, args)
-    return args
+    return parse_with_strength(build_parser(), argv)
 
 
 def upscaled(first: torch.Tensor | Image.Image) -> torch.Tensor | Image.Image:
