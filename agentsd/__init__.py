@@ -6,7 +6,7 @@ image = pipe("a photo of a corgi").images[0]
 agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
 """
 
-from .attention import AgentSDAttnProcessor, TokenMergeProcessor, agent_attention
+from .attention import agent_attention
 from .config import AgentSDConfig, Phase, recipe
 from .merge import MergePlan, TokenMerge, plan_merge
 from .patch import PatchSummary, apply_patch, is_patched, patch_summary, remove_patch
@@ -14,13 +14,11 @@ from .patch import PatchSummary, apply_patch, is_patched, patch_summary, remove_
 __version__ = "0.1.0"
 
 __all__ = [
-    "AgentSDAttnProcessor",
     "AgentSDConfig",
     "MergePlan",
     "PatchSummary",
     "Phase",
     "TokenMerge",
-    "TokenMergeProcessor",
     "agent_attention",
     "apply_patch",
     "is_patched",

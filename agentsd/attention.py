@@ -1,4 +1,4 @@
-"""Agent attention and the diffusers attention processors that apply a block's merge plan.
+"""Agent attention, and an attention layer run on a block's merged tokens.
 
 Agent attention (Han et al., ECCV 2024) lets a few agent tokens ``a`` stand between the queries
 and the keys: the agents first gather from every token, then every query reads from the agents,
@@ -10,27 +10,28 @@ which costs O(N * M) for M agents instead of O(N^2). Both products are ordinary 
 so each runs on ``F.scaled_dot_product_attention`` with an explicit ``scale`` and neither attention
 matrix is materialised.
 
-The processors wrap whatever processor the layer had (``inner``): when a block has no merge plan
-they call it unchanged, and plain ToMe calls it on the merged tokens, so the layer's own attention
-backend (SDPA, xformers, a user's processor) keeps doing the work.
+AgentSD replaces no attention processor. The patch hooks the ``Attention`` modules themselves
+(``agentsd.patch``), and :func:`attend_merged` calls the layer's own forward, and so whatever
+processor it has (SDPA, xformers, fused QKV, IP-Adapter, Custom Diffusion, a user's), on the merged
+tokens. Only agent attention does its own math, with the layer's projections, and only in plain
+self-attention through a processor that holds no weights of its own: a processor that does
+(Custom Diffusion's, say) is always the one called, so its weights keep taking part.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
 
+    from .config import AgentSDConfig
     from .merge import MergePlan
-    from .patch import BlockState
-
-AttentionProcessor = Callable[..., torch.Tensor]
 
 
 def agent_attention(
@@ -68,84 +69,74 @@ def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
 
-class TokenMergeProcessor:
-    """Plain ToMe around any processor: merge the queries, run ``inner``, unmerge.
+def holds_weights(processor: object) -> bool:
+    """Whether an attention processor has parameters of its own (Custom Diffusion's, IP-Adapter's)."""
+    return isinstance(processor, torch.nn.Module) and next(processor.parameters(), None) is not None
 
-    Used on ``attn2`` with ``merge_crossattn``, and the base of :class:`AgentSDAttnProcessor`.
-    Without a plan for the current call (block outside ``max_downsample``, ratio 0) it is exactly
-    ``inner``.
+
+def agent_self_attention(
+    attn: Attention, x: torch.Tensor, agent_tokens: torch.Tensor, config: AgentSDConfig
+) -> torch.Tensor:
+    """Self-attention of layer ``attn`` for tokens ``x`` [B, M, C] through ``agent_tokens`` [B, A, C].
+
+    ``to_q``, ``to_k``, ``to_v``, the optional q/k norms and ``to_out`` are the layer's own; the
+    agents' queries are ``to_q`` of the agent tokens.
     """
-
-    #: Which part of the block this processor serves (see ``BlockState.take_plan``).
-    stage = "attn2"
-
-    def __init__(self, block: BlockState | None = None, inner: AttentionProcessor | None = None) -> None:
-        """Wrap ``inner`` (default: diffusers' SDPA processor) for the patched ``block``.
-
-        Both are optional because diffusers' loaders rebuild processors as ``type(processor)()``
-        (``load_ip_adapter`` does so for every ``attn1``): such a detached copy is exactly ``inner``
-        until the patch adopts it at the next UNet call.
-        """
-        self.block = block
-        self.inner = inner if inner is not None else AttnProcessor2_0()
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        plan = self.block.take_plan(self.stage) if self.block is not None else None
-        if plan is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        return plan.unmerge(self.attend(attn, hidden_states, plan, encoder_hidden_states, attention_mask, **kwargs))
-
-    def attend(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        plan: MergePlan,
-        encoder_hidden_states: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """Attention output for the merged tokens of ``hidden_states`` (unmerged by the caller)."""
-        return self.inner(attn, plan.merge(hidden_states), encoder_hidden_states, attention_mask, **kwargs)
+    q, k, v, a = (_heads(attn, t) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.to_q(agent_tokens)))
+    if attn.norm_q is not None:
+        q, a = attn.norm_q(q), attn.norm_q(a)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    out = agent_attention(q, k, v, a, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32")
+    out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
 
 
-class AgentSDAttnProcessor(TokenMergeProcessor):
-    """Self-attention (``attn1``) processor: merged tokens attend through agents when the plan has them.
+def attention_call(
+    attn: Attention, args: tuple, kwargs: dict[str, Any]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
+    """Layer ``attn``'s forward as a function of new hidden states, and whether it is plain self-attention.
 
-    ``hidden_states`` arrives normalised (``norm1(x)``); the block's plan was made from the raw
-    block input ``x`` by the block hook. Merged tokens and agents both come from the normalised
-    states, as in the reference. A plan without agents, or a call with a mask or with
-    ``encoder_hidden_states`` (not plain self-attention), is plain ToMe around ``inner``.
+    The function calls the processor as ``Attention.forward`` does, with the keyword arguments the
+    processor accepts. Its ``inspect.signature`` is taken here, once, because dynamo cannot build a
+    ``Signature`` inside a ``torch.cond`` branch, where a traced call runs the layer. Plain
+    self-attention means no ``encoder_hidden_states`` and no mask: the only calls agents may serve.
     """
+    given = dict(zip(("encoder_hidden_states", "attention_mask"), args)) | kwargs
+    accepted = inspect.signature(attn.processor.__call__).parameters
+    call_kwargs = {
+        name: value
+        for name, value in given.items()
+        if name in accepted or name in ("encoder_hidden_states", "attention_mask")
+    }
+    processor = attn.processor
+    plain = given.get("encoder_hidden_states") is None and given.get("attention_mask") is None
+    return (lambda x: processor(attn, x, **call_kwargs)), plain
 
-    stage = "attn1"
 
-    def attend(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        plan: MergePlan,
-        encoder_hidden_states: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if plan.agents is None or encoder_hidden_states is not None or attention_mask is not None:
-            return super().attend(attn, hidden_states, plan, encoder_hidden_states, attention_mask, **kwargs)
-        x, agent_tokens = plan.merge(hidden_states), plan.agents.merge(hidden_states)
-        q, k, v, a = (_heads(attn, t) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.to_q(agent_tokens)))
-        if attn.norm_q is not None:
-            q, a = attn.norm_q(q), attn.norm_q(a)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        config = self.block.config
-        out = agent_attention(q, k, v, a, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32")
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
-        if attn.residual_connection:
-            out = out + x
-        return out / attn.rescale_output_factor
+def attend_merged(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    plan: MergePlan,
+    layer: Callable[[torch.Tensor], torch.Tensor],
+    config: AgentSDConfig,
+    with_agents: bool,
+) -> torch.Tensor:
+    """Layer ``attn``'s output for ``hidden_states`` [B, N, C], computed on ``plan``'s merged tokens.
+
+    ``layer(x)`` is the layer's own forward. Where agents are wanted (``with_agents``: plain
+    self-attention in ``attn1``), the plan has them, and the layer's processor holds no weights, the
+    merged tokens attend through the agents; otherwise ``layer`` runs on the merged tokens (plain
+    ToMe). Either way the result is unmerged back to N tokens.
+
+    ``hidden_states`` arrives normalised (``norm1(x)``) while the plan was made from the raw block
+    input ``x``: merged tokens and agents both come from the normalised states, as in the reference.
+    """
+    merged = plan.merge(hidden_states)
+    if with_agents and plan.agents is not None and not holds_weights(attn.processor):
+        out = agent_self_attention(attn, merged, plan.agents.merge(hidden_states), config)
+    else:
+        out = layer(merged)
+    return plan.unmerge(out)

@@ -10,11 +10,11 @@ A merge is stored as index tensors (:class:`TokenMerge`), not as closures, so th
 row selections and one ``index_add_``, unmerging is a single row selection (every original token
 copies the merged token it went into), and the plan can be inspected in tests.
 
-Planning is split in two so that the per-block path never waits for the device. What depends only on
-the UNet call (the grid, which tokens are destinations and which are sources: :class:`GridLayout`) is
-made once per call, outside any compiled region; :func:`plan_merge` then needs only dense, fixed-size
-tensor operations on the block input: no ``nonzero()``, no ``.item()``, no branch on tensor values.
-It compiles with ``fullgraph=True`` and issues no host-device synchronisation on CUDA.
+Planning never waits for the device. Which tokens are destinations and which are sources
+(:class:`GridLayout`) depends only on the grid and a random key hashed from the seed, the timestep
+tensor and the block (:func:`draw_key`); :func:`plan_merge` then needs only dense, fixed-size tensor
+operations on the block input: no ``nonzero()``, no ``.item()``, no branch on tensor values. Both
+compile with ``fullgraph=True``, export, and issue no host-device synchronisation on CUDA.
 
 No ``torch.gather`` runs on features, so the MPS bug that ``tomesd`` works around (gather with a
 last dimension of 1) cannot arise.
@@ -111,20 +111,52 @@ class MergePlan:
         return x.reshape(-1, channels).index_select(0, self.unmerge_rows).view(batch, self.num_tokens, channels)
 
 
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B1  # 2**32 / golden ratio: spreads consecutive counters over the 32-bit range
+
+
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash finaliser on int64 tensors (or Python ints) holding values in [0, 2**32).
+
+    Every intermediate stays below 2**59, so the int64 arithmetic never overflows, on any device and
+    under any compiler: the same counters give the same bits everywhere.
+    """
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def draw_key(seed: int, timestep: torch.Tensor, block: int) -> torch.Tensor:
+    """The random key of one block's destinations at one UNet call: a 0-d int64 tensor.
+
+    A counter-based draw instead of a reseeded generator: the key is a hash of (``seed``, the noise
+    level in thousandths of a timestep, ``block``), computed with integer tensor ops on
+    ``timestep``'s device. Nothing is read back to the host and no generator state exists, so the
+    draw is the same in eager mode, in a compiled graph and in an exported program, and a
+    generation is reproducible whatever ran before it.
+    """
+    # Python ints: both 32-bit halves of a 64-bit (two's complement) seed, and the block, mixed.
+    low, high = seed & _MASK32, (seed >> 32) & _MASK32
+    salt = int(_mix32((low * 0x85EBCA6B + high * 0x27D4EB2F + block * 0xC2B2AE35) & _MASK32))
+    level = (timestep.to(torch.float32) * 1000).round().to(torch.int64)
+    return _mix32((level * _GOLDEN32 + salt) & _MASK32)
+
+
 def destination_positions(
-    h: int, w: int, sx: int, sy: int, generator: torch.Generator | None, device: torch.device
+    h: int, w: int, sx: int, sy: int, key: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
     """Flat grid positions of the destination tokens: one per full ``sx``-by-``sy`` cell.
 
-    With a ``generator`` each cell's destination is drawn uniformly from the cell (on the
-    generator's device); without one it is the cell's top-left token. Tokens of a ragged right or
-    bottom edge that no full cell covers are always sources.
+    With a ``key`` (:func:`draw_key`) each cell's destination is drawn uniformly from the cell by
+    hashing (key, cell index); without one it is the cell's top-left token. Tokens of a ragged
+    right or bottom edge that no full cell covers are always sources.
     """
     cells_y, cells_x = h // sy, w // sx
-    if generator is None:
+    if key is None:
         offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
     else:
-        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=generator.device).to(device)
+        cells = torch.arange(cells_y * cells_x, dtype=torch.long, device=device)
+        offset = (_mix32((key.to(device) + cells * _GOLDEN32) & _MASK32) % (sy * sx)).view(cells_y, cells_x)
     rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
     cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
     return (rows * w + cols).flatten()
@@ -134,8 +166,7 @@ def destination_positions(
 class GridLayout:
     """Which tokens of an ``h``-by-``w`` grid are destinations and which are sources.
 
-    It depends only on the grid, the cell size and the random draw, never on the features, so it is
-    made once per UNet call (:meth:`draw`) and handed to the blocks.
+    It depends only on the grid, the cell size and the random key, never on the features.
 
     Attributes:
         dst_pos: [D] flat grid positions of the destinations (one per full cell).
@@ -156,12 +187,13 @@ class GridLayout:
         w: int,
         sx: int,
         sy: int,
-        generator: torch.Generator | None = None,
+        key: torch.Tensor | None = None,
         device: torch.device | None = None,
     ) -> GridLayout:
         """The layout of an ``h``-by-``w`` grid with ``sx``-by-``sy`` cells (see :func:`destination_positions`)."""
-        device = torch.device("cpu") if device is None else device
-        dst_pos = destination_positions(h, w, sx, sy, generator, device)
+        if device is None:
+            device = key.device if key is not None else torch.device("cpu")
+        dst_pos = destination_positions(h, w, sx, sy, key, device)
         # The sources are the complement, in ascending order. A stable sort of the destination flags
         # puts them first without `nonzero()`, whose data-dependent size would stall the device.
         is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device).index_fill_(0, dst_pos, 1)

@@ -1,16 +1,26 @@
 """Patching a diffusers UNet with AgentSD, and removing the patch.
 
-Three pieces of diffusers machinery carry the whole method, with no class rewriting:
+Diffusers' hook registry carries the whole method, with no class rewriting and no processor
+replaced:
 
-* a hook on the UNet (:class:`UNetHook`) reads the latent size from ``sample`` (positional or
-  keyword) and picks the schedule's phase from ``timestep`` before every call;
-* a hook on each patched ``BasicTransformerBlock`` (:class:`BlockHook`) plans the merge from the
-  block's input, which is the similarity metric, and drops the plan when the block returns;
-* attention processors on ``attn1`` (and ``attn2`` with ``merge_crossattn``) apply the plan, and a
-  hook on ``ff`` does so with ``merge_mlp``.
+* a hook on the UNet (:class:`UNetHook`) takes the latent size from ``sample`` and the timestep
+  tensor from ``timestep`` (positional or keyword) at every call;
+* a hook on each patched ``BasicTransformerBlock`` (:class:`BlockHook`) keeps the block's input,
+  which is the similarity metric of the merge;
+* ``attn1`` (and ``attn2`` with ``merge_crossattn``, ``ff`` with ``merge_mlp``) get a ``forward``
+  that runs the layer on the merged tokens and unmerges its output (:class:`MergedStage`).
 
-The UNet hook is the registry of everything that was changed: it keeps the original processors
-and the hooks it added, so :func:`remove_patch` restores the model exactly.
+The timestep's value picks the schedule's phase. Eager, it is read once per UNet call and the blocks
+run the chosen phase. Traced (``torch.compile(unet, fullgraph=True)``, ``torch.export``), nothing
+is read: every merging stage holds all the phases as branches of a ``torch.cond`` on the timestep
+tensor, so one graph serves a whole generation, with no break, no recompilation and no host read.
+The random destinations are hashed from (seed, timestep, block) on the device
+(:func:`agentsd.merge.draw_key`) in both cases, so eager and traced calls plan alike.
+
+The UNet hook is the registry of everything that was changed: it keeps the hooks and forwards it added, so
+:func:`remove_patch` restores the model exactly. Since no processor is replaced,
+``unet.attn_processors``, ``set_attn_processor``, ``state_dict`` and ``save_attn_procs`` see the
+user's processors, with their weights, while the patch is on.
 """
 
 from __future__ import annotations
@@ -18,17 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import Attention
 
-from .attention import AgentSDAttnProcessor, AttentionProcessor, TokenMergeProcessor
+from .attention import attend_merged, attention_call
 from .config import AgentSDConfig, Phase
-from .merge import GridLayout, MergePlan, plan_merge
+from .merge import GridLayout, MergePlan, draw_key, plan_merge
 
 logger = logging.getLogger("agentsd")
 
@@ -38,58 +48,98 @@ Stage = Literal["attn1", "attn2", "ff"]
 HOOK_NAME = "agentsd"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
+#: ``fn(plan, x)``: a stage's output for its input ``x`` under ``plan`` (``None``: unmerged).
+StageFn = Callable[[MergePlan | None, torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class UNetState:
     """What every patched block of one UNet needs to know about the current call.
 
-    :meth:`start_call` runs once per UNet call, outside any compiled region: it reads the timestep
-    (the one host-device synchronisation of a call, when the timestep lives on the device), picks
-    the phase and draws every block's :class:`~agentsd.merge.GridLayout` on the model's device. The
-    blocks then only read Python values and device tensors, so they compile with
-    ``fullgraph=True`` and never wait for the device.
+    Attributes:
+        config: The settings in force.
+        num_train_timesteps: The horizon ``Phase.min_t`` is relative to.
+        blocks: The patched blocks, in the order they run.
+        latent_size: (H, W) of this call's ``sample``.
+        timestep: This call's timestep, a 0-d float32 tensor on the model's device.
+        phase: The phase of this call when it is known on the host (eager calls), else ``None``
+            (traced calls: the blocks choose on the device).
+        use_rand: Whether this call draws random destinations (``config.use_rand`` and an even batch).
     """
 
     config: AgentSDConfig
     num_train_timesteps: int
     blocks: list[BlockState] = field(default_factory=list)
+    latent_size: tuple[int, int] = (0, 0)
+    timestep: torch.Tensor | None = None
     phase: Phase | None = None
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
+    use_rand: bool = True
 
     def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        """Pick the phase, reseed the destination choice and lay out every block's grid for this call."""
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        self.phase = self.config.phase_at(t, self.num_train_timesteps)
-        # The destination pattern depends only on the seed and the noise level, never on what ran
-        # before, so the same generation twice gives the same image.
-        self.generator.manual_seed(self.config.seed * 1_000_003 + round(t * 1000))
+        """Note this call's latent size and timestep; pick the phase on the host unless traced."""
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))
+        self.timestep = t.flatten()[0].to(device=sample.device, dtype=torch.float32)
+        self.latent_size = (sample.shape[-2], sample.shape[-1])
         # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
         # the two halves of a pair different plans, so use the fixed top-left ones.
-        generator = self.generator if self.config.use_rand and sample.shape[0] % 2 == 0 else None
-        fixed: dict[tuple[int, int], GridLayout] = {}
-        # Blocks are listed in the order they run, so the generator draws for them in that order.
+        self.use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
+        # Eager, one read of the timestep (a device sync only if it lives on an accelerator) saves
+        # every block from carrying all the phases. Traced, there is no read: see BlockState.run.
+        if torch.compiler.is_compiling():
+            self.phase = None
+            return
+        self.phase = self.config.phase_at(float(self.timestep), self.num_train_timesteps)
+        # The layouts are drawn here, outside the blocks, so that a regionally compiled block sees
+        # only tensors and values that are the same for every block of its level.
+        fixed: dict[tuple[int, int], GridLayout | None] = {}
         for block in self.blocks:
-            h, w = (math.ceil(side / block.downsample) for side in sample.shape[-2:])
-            block.tokens_seen = h * w
-            if int(h * w * self.phase.ratio) <= 0:
-                block.layout = None
-            elif generator is not None:
-                block.layout = GridLayout.draw(h, w, self.phase.sx, self.phase.sy, generator, sample.device)
+            if self.use_rand:
+                block.layout = block.make_layout(self.phase, self.timestep)
             else:
-                if (h, w) not in fixed:
-                    fixed[h, w] = GridLayout.draw(h, w, self.phase.sx, self.phase.sy, None, sample.device)
-                block.layout = fixed[h, w]
+                grid = block.grid()
+                if grid not in fixed:
+                    fixed[grid] = block.make_layout(self.phase, self.timestep)
+                block.layout = fixed[grid]
+
+
+def _by_noise_level(
+    level: torch.Tensor, phases: Sequence[Phase], branches: Sequence[Callable[..., torch.Tensor]], operands: tuple
+) -> torch.Tensor:
+    """``branches[i](*operands)`` for the first phase whose ``min_t`` ``level`` reaches, chosen on the device.
+
+    A chain of ``torch.cond``: every branch is in the graph, the predicate stays a tensor.
+    """
+    if len(phases) == 1:
+        return branches[0](*operands)
+
+    def later(*ops: torch.Tensor) -> torch.Tensor:
+        return _by_noise_level(level, phases[1:], branches[1:], ops)
+
+    return torch.cond(level >= phases[0].min_t, branches[0], later, operands)
 
 
 @dataclass(eq=False)
 class BlockState:
-    """One patched transformer block (``name``: its path in the UNet, in the summary): its resolution
-    level, and the grid layout and merge plan of the current call."""
+    """One patched transformer block: where it sits, and its merge plan for the current call.
+
+    Attributes:
+        unet: The UNet's per-call state.
+        index: Position among the patched blocks (part of the random key of its destinations).
+        downsample: Its resolution level (1 = the latent's).
+        name: Its path in the UNet, for the summary.
+        last_stage: The last of its stages that merges; that stage drops the plan.
+        metric: This call's block input, the similarity metric (until the block returns).
+        layout: This call's grid layout, when the phase is known on the host.
+        plan: This call's merge plan, when the phase is known on the host.
+        tokens_seen: Its token count in the last call.
+    """
 
     unet: UNetState
+    index: int
     downsample: int
     name: str = ""
     last_stage: Stage = "attn1"
+    metric: torch.Tensor | None = None
     layout: GridLayout | None = None
     plan: MergePlan | None = None
     tokens_seen: int | None = None
@@ -98,26 +148,27 @@ class BlockState:
     def config(self) -> AgentSDConfig:
         return self.unet.config
 
-    def take_plan(self, stage: Stage) -> MergePlan | None:
-        """The plan of the current call for ``stage``; the block's last merging stage also drops it.
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of this block's token grid in the current call."""
+        h, w = (math.ceil(side / self.downsample) for side in self.unet.latent_size)
+        return h, w
 
-        Releasing the plan as soon as its last user has it keeps its index tensors out of the
-        block's later memory peaks (the feed-forward's activations are the largest at the top level).
-        """
-        plan = self.plan
-        if stage == self.last_stage:
-            self.plan = None
-        return plan
-
-    def make_plan(self, x: torch.Tensor) -> MergePlan | None:
-        """The merge plan for block input ``x`` [B, N, C] under the current phase.
-
-        Everything here is shape arithmetic and dense tensor work: no value of ``x`` decides a branch.
-        """
-        layout, phase = self.layout, self.unet.phase
-        if layout is None or phase is None:
+    def make_layout(self, phase: Phase, timestep: torch.Tensor) -> GridLayout | None:
+        """Destinations and sources of this block's grid in ``phase``, or ``None`` if it merges nothing."""
+        h, w = self.grid()
+        if int(h * w * phase.ratio) <= 0:
             return None
-        num_tokens = x.shape[1]
+        key = draw_key(self.config.seed, timestep, self.index) if self.unet.use_rand else None
+        return GridLayout.draw(h, w, phase.sx, phase.sy, key, timestep.device)
+
+    def make_plan(self, phase: Phase, layout: GridLayout | None, metric: torch.Tensor) -> MergePlan | None:
+        """The merge plan for block input ``metric`` [B, N, C] on ``layout`` in ``phase``.
+
+        Everything here is shape arithmetic and dense tensor work: no value of a tensor decides a branch.
+        """
+        if layout is None:
+            return None
+        num_tokens = metric.shape[1]
         if num_tokens != layout.num_tokens:
             logger.warning(
                 "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged",
@@ -125,111 +176,143 @@ class BlockState:
                 num_tokens,
             )
             return None
-        return plan_merge(x, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
+        return plan_merge(metric, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
+
+    def start(self, x: torch.Tensor) -> None:
+        """The block is called with input ``x``: plan now if the phase is known, else keep the metric."""
+        self.tokens_seen = x.shape[1]
+        if self.unet.phase is not None:
+            self.plan = self.make_plan(self.unet.phase, self.layout, x)
+        else:
+            self.metric = x
+
+    def finish(self) -> None:
+        """Forget this call's plan and metric: their tensors stay out of later memory peaks."""
+        self.plan = self.metric = None
+
+    def run(self, stage: Stage, x: torch.Tensor, fn: StageFn) -> torch.Tensor:
+        """``fn(plan, x)`` with this call's plan for ``stage``.
+
+        Eager, the plan was made when the block started; the block's last merging stage drops it,
+        so its index tensors stay out of the feed-forward's memory peak. Traced, each phase is one
+        branch of a ``torch.cond`` on the timestep that plans from the block input and runs
+        ``fn``: all branches return [B, N, C], so the graph is the same at every step.
+        """
+        if self.unet.phase is not None:
+            plan = self.plan
+            if stage == self.last_stage:
+                self.plan = None
+            return fn(plan, x)
+        phases = self.config.phases
+
+        def branch(phase: Phase) -> Callable[..., torch.Tensor]:
+            return lambda x, metric, timestep: fn(self.make_plan(phase, self.make_layout(phase, timestep), metric), x)
+
+        timestep = self.unet.timestep
+        level = timestep / self.unet.num_train_timesteps
+        return _by_noise_level(level, phases, [branch(phase) for phase in phases], (x, self.metric, timestep))
 
 
 def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
     return args[position] if len(args) > position else kwargs[name]
 
 
-@dataclass(eq=False)
-class WrappedAttention:
-    """An attention layer whose processor AgentSD wraps.
-
-    Attributes:
-        attn: The ``Attention`` module.
-        inner: The processor AgentSD wraps, and the one :func:`remove_patch` puts back.
-        wrapper: The AgentSD processor installed around ``inner``.
-    """
-
-    attn: Attention
-    inner: AttentionProcessor
-    wrapper: TokenMergeProcessor
-
-    def adopt_replacement(self) -> str | None:
-        """Wrap a processor that was set after the patch; return its class name, or ``None`` if none was.
-
-        ``set_attn_processor``, ``fuse_qkv_projections`` and ``load_ip_adapter`` replace every
-        processor. Wrapping the new one keeps AgentSD on, around whatever attention the user chose,
-        instead of leaving blocks that plan merges no processor applies.
-        """
-        current = self.attn.processor
-        if current is self.wrapper:
-            return None
-        # diffusers' loaders rebuild processors as `type(processor)()`: a detached copy of ours.
-        self.inner = current.inner if isinstance(current, TokenMergeProcessor) else current
-        self.wrapper = type(self.wrapper)(self.wrapper.block, self.inner)
-        self.attn.set_processor(self.wrapper)
-        return type(self.inner).__name__
-
-    def restore(self) -> None:
-        """Put back the wrapped processor; a processor the user set since then stays (unwrapped)."""
-        current = self.attn.processor
-        if isinstance(current, TokenMergeProcessor):  # ours, or a detached copy a loader made of it
-            self.attn.set_processor(current.inner)
-
-
 class UNetHook(ModelHook):
-    """Starts each UNet call (phase, grid layouts); owns everything the patch changed."""
+    """Starts each UNet call; owns everything the patch changed."""
 
     def __init__(self, state: UNetState, max_downsample: int, total_blocks: int) -> None:
         super().__init__()
         self.state = state
         self.max_downsample = max_downsample
         self.total_blocks = total_blocks
-        self.wrapped: list[WrappedAttention] = []
         self.hooked_modules: list[HookedModule] = []
+        self.stages: list[MergedStage] = []
 
-    # The one piece that cannot be traced: the timestep's value picks the phase and seeds the draw.
-    # Under whole-model torch.compile this is a single graph break per UNet call.
-    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        adopted = {name for wrapped in self.wrapped if (name := wrapped.adopt_replacement())}
-        if adopted:
-            logger.info("agentsd: attention processors set after apply_patch (%s) are now wrapped", ", ".join(adopted))
         self.state.start_call(_call_argument(args, kwargs, 0, "sample"), _call_argument(args, kwargs, 1, "timestep"))
         return args, kwargs
 
 
 class BlockHook(ModelHook):
-    """Plans the block's merge from its input, and forgets the plan once the block has run."""
+    """Hands the block's input to its state, and clears the state once the block has run."""
 
     def __init__(self, state: BlockState) -> None:
         super().__init__()
         self.state = state
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.state.plan = self.state.make_plan(_call_argument(args, kwargs, 0, "hidden_states"))
+        self.state.start(_call_argument(args, kwargs, 0, "hidden_states"))
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        self.state.plan = None
+        self.state.finish()
         return output
 
 
-class FeedForwardHook(ModelHook):
-    """``merge_mlp``: the feed-forward runs on merged tokens.
+@dataclass(eq=False)
+class MergedStage:
+    """One part of a patched block (``attn1``, ``attn2`` or ``ff``) that runs on the block's merged tokens.
 
-    A feed-forward chunked along the tokens (``set_chunk_feed_forward(dim=1)``) sees partial
-    sequences, which the plan does not fit; those calls run unmerged.
+    :meth:`install` replaces the module's ``forward`` with a closure: merge, run the module's own
+    forward (for ``attn1`` with agents, :func:`~agentsd.attention.attend_merged` computes agent
+    attention with the layer's projections), unmerge. A call whose token count does not fit the
+    plan (a feed-forward chunked along the tokens by ``set_chunk_feed_forward(dim=1)``) runs unmerged.
+
+    A plain closure, not a diffusers hook: the hook registry installs a ``functools.partial`` per
+    module, which dynamo guards by identity, so every block of a regionally compiled UNet would be
+    compiled anew; a function is guarded by its code, and one graph serves all the blocks of a level.
+
+    Attributes:
+        module: The attention layer or feed-forward.
+        state: Its block's state.
+        stage: Which part of the block it is.
+        previous: The instance ``forward`` the module had before (``None``: its class's).
+        installed: The ``forward`` put in place, to recognise it at removal.
     """
 
-    def __init__(self, state: BlockState) -> None:
-        super().__init__()
-        self.state = state
-        self.pending: MergePlan | None = None
+    module: torch.nn.Module
+    state: BlockState
+    stage: Stage
+    previous: Callable[..., Any] | None = None
+    installed: Callable[..., Any] | None = None
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        x = _call_argument(args, kwargs, 0, "hidden_states")
-        plan = self.state.take_plan("ff")
-        if plan is None or x.shape[1] != plan.num_tokens:
-            return args, kwargs
-        self.pending = plan
-        return (plan.merge(x), *args[1:]), kwargs
+    def install(self) -> None:
+        module, state, stage = self.module, self.state, self.stage
+        previous = module.__dict__.get("forward")
+        class_forward = type(module).forward
 
-    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
-        plan, self.pending = self.pending, None
-        return output if plan is None else plan.unmerge(output)
+        def own_forward(*args: Any, **kwargs: Any) -> Any:
+            return previous(*args, **kwargs) if previous is not None else class_forward(module, *args, **kwargs)
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if stage != "ff" and previous is None:
+                layer, plain_self_attention = attention_call(module, args, kwargs)
+            else:
+                layer, plain_self_attention = (lambda x: own_forward(x, *args, **kwargs)), False
+            with_agents = stage == "attn1" and plain_self_attention
+
+            def on_merged_tokens(plan: MergePlan | None, x: torch.Tensor) -> torch.Tensor:
+                if plan is None or x.shape[1] != plan.num_tokens:
+                    return layer(x)
+                if stage == "ff":
+                    return plan.unmerge(layer(plan.merge(x)))
+                return attend_merged(module, x, plan, layer, state.config, with_agents)
+
+            return state.run(stage, hidden_states, on_merged_tokens)
+
+        self.previous, self.installed = previous, forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        """Put the module's ``forward`` back; past a wrapper that accelerate added on top, if any."""
+        module = self.module
+        if module.__dict__.get("_old_forward") is self.installed:
+            module._old_forward = self.previous if self.previous is not None else type(module).forward.__get__(module)
+        elif module.__dict__.get("forward") is self.installed:
+            if self.previous is None:
+                del module.forward
+            else:
+                module.forward = self.previous
 
 
 @dataclass(frozen=True)
@@ -452,18 +535,15 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
         stages = _merging_stages(config, block)
         if not stages:
             continue
-        block_state = BlockState(unet=state, downsample=downsample, name=name, last_stage=stages[-1])
+        block_state = BlockState(
+            unet=state, index=len(state.blocks), downsample=downsample, name=name, last_stage=stages[-1]
+        )
         state.blocks.append(block_state)
         _add_hook(block, BlockHook(block_state), unet_hook)
         for stage in stages:
-            if stage == "ff":
-                _add_hook(block.ff, FeedForwardHook(block_state), unet_hook)
-                continue
-            attn = getattr(block, stage)
-            processor_class = AgentSDAttnProcessor if stage == "attn1" else TokenMergeProcessor
-            wrapped = WrappedAttention(attn, attn.processor, processor_class(block_state, attn.processor))
-            unet_hook.wrapped.append(wrapped)
-            attn.set_processor(wrapped.wrapper)
+            merged = MergedStage(getattr(block, stage), block_state, stage)
+            merged.install()
+            unet_hook.stages.append(merged)
     _refresh_child_registries(unet)
     if not state.blocks:
         levels = "/".join(map(str, sorted({downsample for _, _, downsample in blocks})))
@@ -479,13 +559,13 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
 
 
 def remove_patch(model: Any) -> Any:
-    """Undo :func:`apply_patch`: original processors back, hooks gone. A no-op on an unpatched model."""
+    """Undo :func:`apply_patch`: every hook gone, the model as it was. A no-op on an unpatched model."""
     unet = _find_unet(model)
     unet_hook = _get_hook(unet)
     if unet_hook is None:
         return model
-    for wrapped in unet_hook.wrapped:
-        wrapped.restore()
+    for merged in reversed(unet_hook.stages):
+        merged.remove()
     for hooked in reversed(unet_hook.hooked_modules):
         _remove_hook(hooked)
     _refresh_child_registries(unet)

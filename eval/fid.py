@@ -304,12 +304,21 @@ def run_settings(args, run: Run) -> dict:
 # Generation
 
 
+def dtype_kwarg() -> str:
+    """from_pretrained's name for the weights' dtype: ``dtype`` from diffusers 0.40 (``torch_dtype`` warns
+    there), ``torch_dtype`` before (0.33-0.39 know no other)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
+
+
 def load_pipeline(args):
     import diffusers
 
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            args.model, torch_dtype=DTYPES[args.dtype], safety_checker=None, requires_safety_checker=False
+            args.model, **{dtype_kwarg(): DTYPES[args.dtype]}, safety_checker=None, requires_safety_checker=False
         )
     except Exception as exc:
         sys.exit(

@@ -9,6 +9,7 @@ one line on stderr instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -22,7 +23,8 @@ import diffusers
 import torch
 from comparison import METHODS, check_methods
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import GatedRepoError, HFValidationError
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from packaging.version import Version
 from PIL import Image
@@ -250,27 +252,99 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_advice(source: str, flag: str, err: OSError, *, unreachable: bool = False) -> str:
+    """The project's own explanation first, then what to do, then the library's message as a detail.
+
+    Offline, diffusers and huggingface_hub lead with "pass local_files_only=False", which is no help
+    without a network; the first line here says what actually happened.
+    """
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    lines = [f"could not load {flag} {source!r}: {reason}"]
     if Path(source).is_dir():
-        lines.append("  - a local model must be a diffusers folder, as written by save_pretrained()")
-        return "\n".join(lines)
+        return "\n".join(
+            [
+                f"could not load {flag} {source!r}: {reason}",
+                "  - a local model must be a diffusers folder, as written by save_pretrained()",
+            ]
+        )
+    host = urlsplit(hub_constants.ENDPOINT).hostname
     if isinstance(err, GatedRepoError):
-        lines.append("  - this model is gated: accept its licence on huggingface.co, then `hf auth login`")
+        lines = [f"could not load {flag} {source!r}: the model is gated"]
+        lines.append("  - accept its licence on huggingface.co, then `hf auth login`")
+    elif _hub_offline():
+        lines = [
+            f"could not load {flag} {source!r}: it is not (completely) in the local Hugging Face cache, "
+            "and HF_HUB_OFFLINE is set, so nothing is downloaded"
+        ]
+    elif unreachable:
+        lines = [
+            f"could not load {flag} {source!r}: it is not (completely) in the local Hugging Face cache, "
+            f"and {host} cannot be reached (no network?)"
+        ]
     else:
+        lines = [f"could not load {flag} {source!r}: {reason}"]
+    if not isinstance(err, GatedRepoError):
         lines.append(f"  - check the id on https://huggingface.co/{source} (gated models also need `hf auth login`)")
     if _hub_offline():
         lines.append("  - HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded")
     elif unreachable:
-        host = urlsplit(hub_constants.ENDPOINT).hostname
-        lines.append(
-            f"  - {host} cannot be reached (no network?), so only models already in the local cache can be loaded"
-        )
+        lines.append(f"  - {host} cannot be reached, so only models already in the local cache can be loaded")
     lines.append(
         f"  - no network? on a machine with one run `hf download {source} --local-dir ./model`, "
         f"copy the folder over and pass {flag} ./model"
     )
+    if lines[0] != f"could not load {flag} {source!r}: {reason}":
+        lines.append(f"  - the loader said: {reason}")
     return "\n".join(lines)
+
+
+def model_kind(pipeline_class: str) -> str:
+    """The model family a pipeline class name stands for: ``"SDXL"``, ``"SD 1.x/2.x"``, ... or the name itself."""
+    for prefix, kind in (
+        ("StableDiffusionXL", "SDXL"),
+        ("StableDiffusion3", "SD3"),
+        ("StableDiffusion", "SD 1.x/2.x"),
+        ("Flux", "Flux"),
+        ("PixArt", "PixArt"),
+    ):
+        if pipeline_class.startswith(prefix):
+            return kind
+    return pipeline_class
+
+
+#: The examples that take each kind of model, for the advice when a model of another kind is given.
+_EXAMPLES_FOR = {
+    "SDXL": "examples/sdxl.py or examples/compare_grid.py",
+    "SD 1.x/2.x": "examples/img2img.py, examples/controlnet.py or examples/compare_grid.py",
+}
+
+
+def _check_model_kind(cls: type, source: str, flag: str, hub_kwargs: dict[str, Any]) -> None:
+    """Refuse a pipeline folder or hub id whose ``model_index.json`` names another kind of model than ``cls``.
+
+    Loading, e.g., an SD 1.5 folder as ``StableDiffusionXLPipeline`` succeeds with the second text
+    encoder missing, and the first call then fails with an ``AttributeError`` deep in diffusers.
+    Auto pipelines (any kind) and single models (``ControlNetModel``, no ``model_index.json``) pass.
+    """
+    if not issubclass(cls, diffusers.DiffusionPipeline) or cls.__name__.startswith("AutoPipeline"):
+        return
+    index = Path(source) / "model_index.json"
+    if not index.parent.is_dir():  # a hub id: only this small file, which from_pretrained fetches first anyway
+        try:
+            index = Path(hf_hub_download(source, "model_index.json", **hub_kwargs))
+        except EntryNotFoundError as err:
+            if isinstance(err, LocalEntryNotFoundError):  # offline and not cached: _load_advice explains
+                raise
+            return  # a repository without the file: from_pretrained says what is wrong
+    elif not index.is_file():
+        return  # from_pretrained says what is missing, and _load_advice what a diffusers folder is
+    found = json.loads(index.read_text()).get("_class_name")
+    wanted = model_kind(cls.__name__)
+    if found and model_kind(found) != wanted:
+        kind = model_kind(found)
+        hint = f"; for {kind} models use {_EXAMPLES_FOR[kind]}" if kind in _EXAMPLES_FOR else ""
+        raise ExampleError(
+            f"{flag} {source!r} is not an {wanted} model: its model_index.json names {found} ({kind}), "
+            f"and this loads {cls.__name__}{hint}"
+        )
 
 
 def load_pretrained(
@@ -281,12 +355,15 @@ def load_pretrained(
     ``flag`` is how the user gave ``name`` (``--model``, ``--controlnet``, an environment variable),
     so that a failure says which setting to change. A hub id is loaded from the local cache alone
     when the hub cannot be reached (:func:`hub_reachable`), so that no network fails in seconds.
+    A pipeline of another kind than ``cls`` (an SD 1.5 folder for SDXL) is refused before loading.
     """
     source = _source(str(name), flag)
     unreachable = not Path(source).is_dir() and not _hub_offline() and not hub_reachable()
     if unreachable:
         kwargs["local_files_only"] = True
+    hub_kwargs = {key: kwargs[key] for key in ("local_files_only", "revision", "token", "cache_dir") if key in kwargs}
     try:
+        _check_model_kind(cls, source, flag, hub_kwargs)
         loaded = cls.from_pretrained(source, **{_DTYPE_KWARG: target.dtype}, **kwargs)
     except OSError as err:
         raise ExampleError(_load_advice(source, flag, err, unreachable=unreachable)) from err

@@ -104,13 +104,16 @@ def generate(pipe: DiffusionPipeline, method: str, *, seed: int, **call_kwargs: 
 
 
 def warm_up(pipe: DiffusionPipeline, **call_kwargs: Any) -> None:
-    """On an accelerator, run the pipeline once untimed.
+    """Run the pipeline once, untimed, with the fewest steps it accepts (one; more at a low ``strength``).
 
-    The first call on a GPU pays for kernel selection and memory allocation; without this, that
-    cost lands on whichever method runs first and flatters the others.
+    The first call pays one-off costs: memory allocation and kernel selection on a GPU, and on the CPU
+    too (allocator, oneDNN kernel setup, lazy imports), often more than a whole step. Without this they
+    land on whichever method runs first, the unpatched SD, and flatter the others.
     """
-    if pipe.device.type != "cpu":
-        pipe(**call_kwargs, generator=torch.Generator("cpu").manual_seed(0))
+    steps, strength = 1, call_kwargs.get("strength")
+    while strength is not None and int(steps * strength) < 1:  # image-to-image runs int(steps * strength)
+        steps += 1
+    pipe(**{**call_kwargs, "num_inference_steps": steps}, generator=torch.Generator("cpu").manual_seed(0))
 
 
 def compare(

@@ -1,12 +1,12 @@
-"""Agent attention against the formulas written out, and the processors on a real diffusers Attention."""
+"""Agent attention against the formulas written out, and a merged diffusers Attention layer."""
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
 from reference import agent_attention_reference
 
 from agentsd import AgentSDConfig, agent_attention
-from agentsd.attention import AgentSDAttnProcessor, TokenMergeProcessor
+from agentsd.attention import attend_merged, attention_call
 from agentsd.patch import BlockState, UNetState
 
 
@@ -34,14 +34,13 @@ def test_agent_attention_low_precision_and_fp32_upcast(dtype):
     assert (upcast.float() - exact).abs().max() <= (plain.float() - exact).abs().max() + 1e-3
 
 
-def _block_state(metric, h, w, **phase):
+def _plan(metric, h, w, **phase):
     config = AgentSDConfig(schedule="fixed", use_rand=False, **phase)
     unet = UNetState(config=config, num_train_timesteps=1000)
-    block = BlockState(unet=unet, downsample=1)
+    block = BlockState(unet=unet, index=0, downsample=1)
     unet.blocks.append(block)
     unet.start_call(torch.zeros(1, 4, h, w), 999)
-    block.plan = block.make_plan(metric)
-    return block
+    return config, block.make_plan(config.phases[0], block.layout, metric)
 
 
 def _attention(seed=0):
@@ -49,15 +48,14 @@ def _attention(seed=0):
     return Attention(query_dim=32, heads=4, dim_head=8).eval()
 
 
-def test_processor_with_agents_equals_plain_implementation():
+def test_self_attention_with_agents_equals_plain_implementation():
     attn = _attention()
     x = torch.randn(2, 64, 32)
     normed = torch.nn.functional.layer_norm(x, (32,))
-    block = _block_state(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
-    assert block.plan.agents is not None
-    plan = block.plan
+    config, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    assert plan.agents is not None
     with torch.no_grad():
-        ours = AgentSDAttnProcessor(block, AttnProcessor2_0())(attn, normed)
+        ours = attend_merged(attn, normed, plan, attn, config, with_agents=True)
         feats, agents = plan.merge(normed), plan.agents.merge(normed)
         heads = lambda t: t.unflatten(-1, (4, 8)).transpose(1, 2)  # noqa: E731
         out = agent_attention_reference(
@@ -73,26 +71,29 @@ def test_processor_with_agents_equals_plain_implementation():
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
-def test_processor_without_agents_runs_inner_on_merged_tokens():
+def test_without_agents_the_layer_runs_its_own_processor_on_merged_tokens():
     attn = _attention()
     x = torch.randn(2, 64, 32)
-    block = _block_state(x, 8, 8, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
-    plan = block.plan
+    config, plan = _plan(x, 8, 8, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
     assert plan.agents is None
     with torch.no_grad():
         expected = plan.unmerge(AttnProcessor2_0()(attn, plan.merge(x)))
-        assert torch.equal(TokenMergeProcessor(block, AttnProcessor2_0())(attn, x), expected)
-        assert block.plan is plan  # attn2 is not the block's last merging stage here: the plan stays
-        assert torch.equal(AgentSDAttnProcessor(block, AttnProcessor2_0())(attn, x), expected)
-        assert block.plan is None  # attn1 is: the plan is released as soon as it is used
+        assert torch.equal(attend_merged(attn, x, plan, attn, config, with_agents=True), expected)
 
 
-def test_processors_without_a_plan_are_the_inner_processor():
+def test_agents_are_skipped_for_cross_attention_masks_and_processors_with_weights():
+    """Those calls go through the layer's processor on the merged tokens, so nothing it does is lost."""
     attn = _attention()
     x = torch.randn(2, 64, 32)
-    block = _block_state(x, 8, 8, ratio=0.0, sx=2, sy=2, agent_ratio=0.9)
-    assert block.plan is None
+    config, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    context = torch.randn(2, 5, 32)
     with torch.no_grad():
-        expected = AttnProcessor2_0()(attn, x)
-        assert torch.equal(AgentSDAttnProcessor(block, AttnProcessor2_0())(attn, x), expected)
-        assert torch.equal(TokenMergeProcessor(block, AttnProcessor2_0())(attn, x), expected)
+        tome = plan.unmerge(attn(plan.merge(x)))
+        assert torch.equal(attend_merged(attn, x, plan, attn, config, with_agents=False), tome)
+        layer, plain = attention_call(attn, (), {"encoder_hidden_states": context, "unknown": 1})
+        assert not plain and attention_call(attn, (), {})[1] and not attention_call(attn, (None, x[:, :1]), {})[1]
+        cross = plan.unmerge(attn(plan.merge(x), encoder_hidden_states=context))
+        assert torch.equal(attend_merged(attn, x, plan, layer, config, with_agents=plain), cross)
+        attn.set_processor(CustomDiffusionAttnProcessor2_0(train_q_out=True, hidden_size=32).eval())
+        weighted = plan.unmerge(attn(plan.merge(x)))
+        assert torch.equal(attend_merged(attn, x, plan, attn, config, with_agents=True), weighted)

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
-from agentsd.merge import GridLayout, plan_merge
+from agentsd.merge import GridLayout, draw_key, plan_merge
 
 #: Two agent-phase steps, two ToMe-phase steps, then the agent phase again (recipe switch at t = 600).
 TIMESTEPS = (981, 961, 581, 561, 941)
@@ -105,20 +105,58 @@ def test_regional_compile_survives_aot_autograd():
         assert torch.allclose(_run(unet, sample, kwargs, t), expected, atol=1e-4)
 
 
-def test_whole_model_compile_has_one_break_per_call_and_no_recompiles_per_step():
-    """The UNet hook reads the timestep value to pick the phase: the only break, traced once."""
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch-then-compile", "compile-then-patch"])
+def test_whole_model_compiles_to_one_graph_for_the_whole_generation(kind, patch_first):
+    """diffusers' own recipe, ``torch.compile(unet, fullgraph=True)``: no break, and one graph for both
+    phases (the phase is a ``torch.cond`` on the timestep), equal to eager at every step."""
+    unet = tiny_unet(kind).eval()
+    sample, kwargs = _inputs(kind)
+    unpatched = _run(unet, sample, kwargs, TIMESTEPS[0])
+    agentsd.apply_patch(unet, ratio=0.4)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS}
+    if not patch_first:
+        agentsd.remove_patch(unet)
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")
+    if not patch_first:
+        assert torch.equal(_run(compiled, sample, kwargs, TIMESTEPS[0]), unpatched)
+        agentsd.apply_patch(unet, ratio=0.4)
+        torch._dynamo.reset()  # a compile-then-patch user recompiles once; here the count starts afresh
+        counters.clear()
+    for t in TIMESTEPS:
+        assert torch.allclose(_run(compiled, sample, kwargs, t), eager[t], atol=1e-4), t
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    agentsd.remove_patch(unet)
+    assert torch.allclose(_run(compiled, sample, kwargs, TIMESTEPS[0]), unpatched, atol=1e-6)
+
+
+def test_whole_model_compile_survives_aot_autograd_with_every_stage_merged():
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    agentsd.apply_patch(unet, ratio=0.4, merge_crossattn=True, merge_mlp=True)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    for t, expected in eager.items():
+        assert torch.allclose(_run(compiled, sample, kwargs, t), expected, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_torch_export_gives_the_eager_output_at_both_phases_with_no_host_read(strict):
     unet = tiny_unet("sd1").eval()
     sample, kwargs = _inputs("sd1")
     agentsd.apply_patch(unet, ratio=0.4)
-    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS}
-    compiled = torch.compile(unet, backend="eager")
-    graphs = []
-    for t in TIMESTEPS:
-        assert torch.allclose(_run(compiled, sample, kwargs, t), eager[t], atol=1e-4), t
-        graphs.append(counters["stats"]["unique_graphs"])
-    breaks = counters["graph_break"]
-    assert sum(breaks.values()) == 1 and "UNetHook.pre_forward" in next(iter(breaks))
-    assert graphs[0] == graphs[1] < graphs[2] == graphs[3] == graphs[4]
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    with torch.no_grad():
+        program = torch.export.export(unet, (sample, torch.tensor(981.0)), kwargs, strict=strict)
+    ops = {getattr(node.target, "__name__", str(node.target)) for node in program.graph.nodes}
+    assert "cond" in ops
+    assert not [op for op in ops if op.split(".")[0] in _CountOps.SYNCING]
+    for t, expected in eager.items():
+        with torch.no_grad():
+            out = program.module()(sample, torch.tensor(float(t)), **kwargs).sample
+        assert torch.allclose(out, expected, atol=1e-4), t
     agentsd.remove_patch(unet)
 
 
@@ -154,7 +192,7 @@ def test_a_patched_call_adds_one_host_sync_reading_the_timestep_and_none_per_blo
 @pytest.mark.parametrize("sx,agent_r", [(4, 60), (2, 0)], ids=["agents", "tome"])
 def test_plan_merge_compiles_fullgraph_with_the_same_plan(sx, agent_r):
     x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
-    layout = GridLayout.draw(8, 8, sx, sx, torch.Generator().manual_seed(1))
+    layout = GridLayout.draw(8, 8, sx, sx, draw_key(1, torch.tensor(981.0), 0))
 
     def merged(metric):
         plan = plan_merge(metric, layout, r=25, agent_r=agent_r)

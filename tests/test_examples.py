@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -30,7 +31,7 @@ for folder in (REPO, EXAMPLES):  # agentsd itself, and the examples' shared modu
 
 from canny import canny  # noqa: E402
 from common import ExampleError, Target, run_cli  # noqa: E402
-from comparison import METHODS, compare, generate, patched, top_attention_downsample  # noqa: E402
+from comparison import METHODS, compare, generate, patched, top_attention_downsample, warm_up  # noqa: E402
 from images import contact_sheet, save_png  # noqa: E402
 
 import agentsd  # noqa: E402
@@ -72,9 +73,31 @@ def sheet_width(path: Path) -> int:
 
 def test_sdxl_script_writes_side_by_side(models: dict[str, Path], tmp_path: Path) -> None:
     argv = ["--model", str(models["sdxl"]), "--prompt", "a corgi", *FAST, "--out", str(tmp_path)]
-    out = load_script("sdxl").main(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = load_script("sdxl").main(argv)
     assert out == tmp_path / "sdxl.png"
     assert sheet_width(out) == len(METHODS) * TILE
+    # diffusers >= 0.40 deprecates from_pretrained's torch_dtype=; the examples pass the name it takes
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    ("script", "given", "kind", "wanted"),
+    [("sdxl", "sd", "SD 1.x/2.x", "SDXL"), ("img2img", "sdxl", "SDXL", "SD 1.x/2.x")],
+)
+def test_a_model_of_another_kind_is_refused_naming_both(
+    script: str, given: str, kind: str, wanted: str, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SD 1.5 folder given to the SDXL example loaded, then failed in the call ('NoneType' has no 'tokenize')."""
+    module = load_script(script)
+    pipeline_class = module.StableDiffusionXLPipeline if script == "sdxl" else module.StableDiffusionImg2ImgPipeline
+    monkeypatch.setattr(pipeline_class, "from_pretrained", lambda *a, **k: pytest.fail("loaded the wrong kind"))
+    with pytest.raises(ExampleError) as error:
+        module.main(["--model", str(models[given]), *FAST])
+    message = str(error.value)
+    assert f"is not an {wanted} model" in message and f"({kind})" in message
+    assert ("examples/sdxl.py" if kind == "SDXL" else "examples/img2img.py") in message
 
 
 def test_img2img_script_uses_sample_image_without_input(models: dict[str, Path], tmp_path: Path) -> None:
@@ -161,6 +184,32 @@ def test_compare_is_seeded_and_leaves_pipeline_unpatched(sd_pipe) -> None:
     assert not np.array_equal(runs[2].image, runs[0].image)  # AgentSD really ran patched
 
 
+class _RecordingPipe:
+    """Stands in for a pipeline: records each call's step count."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def __call__(self, **kwargs):
+        self.steps.append(kwargs["num_inference_steps"])
+        return type("Output", (), {"images": [Image.new("RGB", (TILE, TILE))]})()
+
+
+@pytest.mark.parametrize(("strength", "warm_steps"), [(None, 1), (0.75, 2), (0.3, 4), (1.0, 1)])
+def test_sd_is_timed_after_a_short_warm_up_on_the_cpu_too(strength, warm_steps) -> None:
+    """The first call pays one-off costs; untimed and short, it keeps them out of the SD column."""
+    pipe = _RecordingPipe()
+    call = {"prompt": "a cat", "num_inference_steps": 10} | ({"strength": strength} if strength else {})
+    runs = compare(pipe, ["SD"], ratio=0.4, seed=0, **call)
+    assert pipe.steps == [warm_steps, 10] and len(runs) == 1
+    warm_up(pipe, **call)
+    assert pipe.steps[-1] == warm_steps
+    compare(pipe, ["SD"], ratio=0.4, seed=0, warm=False, **call)
+    assert pipe.steps[-1] == 10 and len(pipe.steps) == 4
+
+
 def test_tomesd_is_pointed_at_the_top_attention_level() -> None:
     assert top_attention_downsample(tiny_unet("sd1")) == 1
     assert top_attention_downsample(tiny_unet("sdxl")) == 2  # tomesd's default of 1 would patch nothing
@@ -230,6 +279,10 @@ def test_unknown_hub_id_offline_says_what_to_do(tmp_path: Path) -> None:
     assert "--model 'nobody/agentsd-no-such-model'" in message
     assert "hf auth login" in message and "HF_HUB_OFFLINE" in message and "--model ./model" in message
     assert not list(tmp_path.iterdir())
+    # the project's explanation leads, not the hub library's "pass local_files_only=False" (no help offline)
+    first = message.splitlines()[0]
+    assert "not (completely) in the local Hugging Face cache" in first and "HF_HUB_OFFLINE is set" in first
+    assert "local_files_only" not in first and "the loader said: " in message
 
 
 def test_every_script_fails_fast_without_a_network(tmp_path: Path) -> None:

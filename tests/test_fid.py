@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
+import torch
 from accelerate import PartialState
 from PIL import Image
 from test_fid_math import TinyExtractor
@@ -468,3 +469,16 @@ def test_accelerate_launch_two_cpu_processes_shard_the_images(first_run, model, 
     assert done.stdout.count("results ->") == 1 and done.stdout.count("| Method |") == 1  # once, on the main process
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert all(r["images"] == N_IMAGES for r in rows)
+
+
+def test_the_pipeline_loads_without_the_torch_dtype_deprecation(model):
+    """diffusers >= 0.40 deprecates from_pretrained's torch_dtype= (a FutureWarning); fid.py uses the new name."""
+    import argparse
+    import warnings
+
+    args = argparse.Namespace(model=model, dtype="float32", scheduler="pndm", device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = fid.load_pipeline(args)
+    assert pipe.unet.dtype == torch.float32
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]

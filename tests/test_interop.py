@@ -5,12 +5,17 @@ import warnings
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    CustomDiffusionAttnProcessor2_0,
+    FusedAttnProcessor2_0,
+)
 from diffusers.models.embeddings import ImageProjection
+from safetensors.torch import load_file
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 
 import agentsd
-from agentsd.attention import TokenMergeProcessor
 
 
 def _inputs(seed=0):
@@ -23,21 +28,17 @@ def _run(unet, sample, text, t=981, **kwargs):
         return unet(sample, torch.tensor(t), encoder_hidden_states=text, **kwargs).sample
 
 
-def _self_attention_processors(unet):
-    return {name: p for name, p in unet.attn_processors.items() if name.endswith("attn1.processor")}
-
-
 @pytest.mark.parametrize("replacement", [AttnProcessor, AttnProcessor2_0])
-def test_processors_set_after_the_patch_are_wrapped_not_dropped(replacement):
+def test_processors_set_after_the_patch_are_used_and_reported_at_once(replacement):
     unet = tiny_unet("sd1").eval()
     sample, text = _inputs()
     plain = _run(unet, sample, text)
     agentsd.apply_patch(unet, ratio=0.5)
     patched = _run(unet, sample, text)
     unet.set_attn_processor(replacement())
+    assert all(isinstance(p, replacement) for p in unet.attn_processors.values())  # no call needed first
+    assert agentsd.is_patched(unet)
     assert torch.allclose(_run(unet, sample, text), patched, atol=1e-5)  # AgentSD still on
-    wrapped = [p for p in _self_attention_processors(unet).values() if isinstance(p, TokenMergeProcessor)]
-    assert len(wrapped) == 3 and all(isinstance(p.inner, replacement) for p in wrapped)
     agentsd.remove_patch(unet)
     assert all(isinstance(p, replacement) for p in unet.attn_processors.values())  # the user's choice stays
     assert torch.allclose(_run(unet, sample, text), plain, atol=1e-5)
@@ -53,25 +54,67 @@ def test_fused_qkv_before_or_after_the_patch():
     agentsd.remove_patch(unet)
     fused = _run(unet, sample, text)
     assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
-    agentsd.apply_patch(unet, ratio=0.5)  # before: the fused processor is the one wrapped
+    agentsd.apply_patch(unet, ratio=0.5)  # before: the fused processor does the plain-ToMe calls
     assert torch.allclose(_run(unet, sample, text), patched, atol=1e-5)
     agentsd.remove_patch(unet)
     assert torch.equal(_run(unet, sample, text), fused)
 
 
-def test_set_default_attn_processor_as_the_readme_says():
-    """diffusers refuses processors it does not know; the README's recipe: remove, reset, re-apply."""
+def test_set_default_attn_processor_works_while_patched():
     unet = tiny_unet("sd1").eval()
+    sample, text = _inputs()
+    agentsd.apply_patch(unet, ratio=0.5)
+    patched = _run(unet, sample, text)
     unet.set_attn_processor(AttnProcessor())
-    agentsd.apply_patch(unet, ratio=0.5)
-    with pytest.raises(ValueError, match="set_default_attn_processor"):
-        unet.set_default_attn_processor()
-    agentsd.remove_patch(unet)
     unet.set_default_attn_processor()
-    agentsd.apply_patch(unet, ratio=0.5)
-    wrapped = [p for p in _self_attention_processors(unet).values() if isinstance(p, TokenMergeProcessor)]
-    assert len(wrapped) == 3 and all(type(p.inner) is AttnProcessor for p in wrapped)
+    assert torch.allclose(_run(unet, sample, text), patched, atol=1e-5)
     agentsd.remove_patch(unet)
+
+
+def _custom_diffusion_processors(unet, seed=0):
+    """Custom Diffusion processors with weights on every attention layer (q/out on attn1, k/v too on attn2)."""
+    torch.manual_seed(seed)
+    processors = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        cross = attn.cross_attention_dim if name.endswith("attn2.processor") else None
+        processor = CustomDiffusionAttnProcessor2_0(
+            train_kv=cross is not None, train_q_out=True, hidden_size=attn.inner_dim, cross_attention_dim=cross
+        )
+        for parameter in processor.parameters():
+            torch.nn.init.normal_(parameter, std=0.05)
+        processors[name] = processor
+    return processors
+
+
+def test_processors_with_weights_keep_their_weights_visible_while_patched(tmp_path):
+    """Custom Diffusion's processors are modules: state_dict, save_attn_procs, .to() and dtype casts
+    must see them (diffusers' test_custom_diffusion_save_load), and they keep taking part."""
+    unet = tiny_unet("sd1").eval()
+    sample, text = _inputs()
+    unet.set_attn_processor(_custom_diffusion_processors(unet))
+    keys, parameters = set(unet.state_dict()), sum(p.numel() for p in unet.parameters())
+    custom = _run(unet, sample, text)
+    agentsd.apply_patch(unet, ratio=0.5)
+    patched = _run(unet, sample, text)
+    assert set(unet.state_dict()) == keys and sum(p.numel() for p in unet.parameters()) == parameters
+    assert all(isinstance(p, CustomDiffusionAttnProcessor2_0) for p in unet.attn_processors.values())
+    assert not torch.allclose(patched, custom, atol=1e-4)  # merged...
+    plain = tiny_unet("sd1").eval()
+    agentsd.apply_patch(plain, ratio=0.5)
+    assert not torch.allclose(patched, _run(plain, sample, text), atol=1e-4)  # ...and the weights still act
+    unet.save_attn_procs(tmp_path, weight_name="custom.safetensors")
+    saved = load_file(tmp_path / "custom.safetensors")
+    assert len(saved) == sum(len(list(p.parameters())) for p in unet.attn_processors.values())
+    unet.to(torch.float64)
+    assert all(
+        p.dtype == torch.float64
+        for p in unet.attn_processors["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"].parameters()
+    )
+    assert torch.allclose(_run(unet, sample.double(), text.double()).float(), patched, atol=1e-4)
+    agentsd.remove_patch(unet)
+    unet.to(torch.float32)
+    assert torch.allclose(_run(unet, sample, text), custom, atol=1e-5)
 
 
 def _ip_adapter_state_dict(unet, image_dim=16, seed=0):
@@ -98,10 +141,9 @@ def test_ip_adapter_loads_on_a_patched_unet_and_agentsd_stays_on():
     agentsd.apply_patch(unet, ratio=0.5)
     unet._load_ip_adapter_weights([_ip_adapter_state_dict(unet)])  # what pipe.load_ip_adapter calls
     with_agents = _run(unet, sample, text, added_cond_kwargs=image)
-    wrapped = [p for p in _self_attention_processors(unet).values() if isinstance(p, TokenMergeProcessor)]
-    assert agentsd.is_patched(unet) and len(wrapped) == 3 and all(p.block is not None for p in wrapped)
+    assert agentsd.is_patched(unet)
+    assert sum(type(p).__name__.startswith("IPAdapter") for p in unet.attn_processors.values()) == 4  # every attn2
     agentsd.remove_patch(unet)
-    assert not any(isinstance(p, TokenMergeProcessor) for p in unet.attn_processors.values())
     without = _run(unet, sample, text, added_cond_kwargs=image)
     assert not torch.allclose(with_agents, without, atol=1e-4)
     agentsd.apply_patch(unet, ratio=0.5)  # IP-Adapter first, then the patch: the same output
@@ -136,7 +178,9 @@ def test_save_pretrained_of_a_patched_pipeline_loads_unpatched_with_the_same_wei
     pipe.save_pretrained(tmp_path / "saved")
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
     assert not agentsd.is_patched(loaded)
-    assert not any(isinstance(p, TokenMergeProcessor) for p in loaded.unet.attn_processors.values())
+    assert all(
+        type(p) is type(q) for p, q in zip(loaded.unet.attn_processors.values(), pipe.unet.attn_processors.values())
+    )
     ours, theirs = pipe.unet.state_dict(), loaded.unet.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     agentsd.remove_patch(pipe)

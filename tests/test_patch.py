@@ -310,11 +310,12 @@ def test_objects_without_a_unet_are_rejected():
         agentsd.apply_patch(tiny_unet("sd1"), config=AgentSDConfig(), ratio=0.4)
 
 
-def test_processors_use_default_sdpa_path(unet):
-    agentsd.apply_patch(unet, ratio=0.4)
+def test_processors_are_never_replaced(unet):
+    """AgentSD hooks the attention modules; the processors diffusers reports are the model's own objects."""
+    processors = dict(unet.attn_processors)
+    agentsd.apply_patch(unet, ratio=0.4, merge_crossattn=True)
     try:
-        processor = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor
-        assert isinstance(processor, agentsd.AgentSDAttnProcessor)
-        assert isinstance(processor.inner, AttnProcessor2_0)
+        assert all(unet.attn_processors[name] is processor for name, processor in processors.items())
+        assert isinstance(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor, AttnProcessor2_0)
     finally:
         agentsd.remove_patch(unet)

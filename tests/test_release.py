@@ -2,8 +2,9 @@
 
 The package is built with setuptools' PEP 517 hooks from a copy of the repository (no network, no
 build isolation), the wheel is installed into a fresh virtual environment, and the README's quick
-start runs there on a tiny pipeline. The environment sees the system's site-packages only for torch,
-diffusers and transformers (so nothing is downloaded); the agentsd it imports must be the wheel's.
+start runs there on a tiny pipeline. The environment borrows torch, diffusers and transformers from the
+interpreter running the tests (so nothing is downloaded), whether that is a virtual environment or a system
+Python; the agentsd it imports must be the wheel's.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import email
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import textwrap
 import zipfile
@@ -92,13 +95,55 @@ def test_no_extra_can_replace_the_users_torch(dist: dict[str, Path]) -> None:
     assert [r for r in core if r.startswith("torch")] == ["torch>=2.1"]
 
 
+def _running_site_packages() -> list[str]:
+    """The site-packages folders of the interpreter running the tests, the checkout excluded.
+
+    ``venv --system-site-packages`` would not do: run from a virtual environment, it exposes the *base*
+    interpreter's site-packages, not the environment's, where torch and diffusers actually are.
+    """
+    folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    found = []
+    for folder in map(Path, folders):
+        if folder.is_dir() and not folder.resolve().is_relative_to(REPO) and str(folder) not in found:
+            found.append(str(folder))
+    return found
+
+
+def _venv_borrowing_packages(venv: Path, cwd: Path) -> Path:
+    """A fresh virtual environment that also sees the running interpreter's packages; returns its python.
+
+    A ``.pth`` file appends those folders to ``sys.path`` after the environment's own site-packages, so
+    what is installed into the environment (the wheel) wins. The appended folders' own ``.pth`` files
+    are not run, so an editable install of the checkout there stays invisible.
+    """
+    _run(sys.executable, "-m", "venv", venv, cwd=cwd)
+    python = venv / "bin" / "python"
+    purelib = _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=cwd).strip()
+    (Path(purelib) / "_agentsd_test_borrowed.pth").write_text("\n".join(_running_site_packages()) + "\n")
+    return python
+
+
+@pytest.mark.slow
+def test_pipelines_extra_brings_what_a_pipeline_needs(dist: dict[str, Path]) -> None:
+    """The core is torch and diffusers; StableDiffusionPipeline also needs transformers (README: Install)."""
+    metadata = _metadata(dist["wheel"])
+    assert "pipelines" in (metadata.get_all("Provides-Extra") or [])
+    requirements = metadata.get_all("Requires-Dist") or []
+    extra = {_name(re.split(r"[<>=!~; \[]", r, maxsplit=1)[0]) for r in requirements if "pipelines" in r}
+    assert extra == {"transformers", "accelerate"}
+    core = {_name(re.split(r"[<>=!~; \[]", r, maxsplit=1)[0]) for r in requirements if "extra ==" not in r}
+    assert core == {"torch", "diffusers"}
+
+
 @pytest.mark.slow
 def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    # --ignore-installed: the system's agentsd (an editable install, seen through the system site-packages)
-    # has the same version, and pip would otherwise call the wheel already satisfied and skip it.
+    python = _venv_borrowing_packages(venv, tmp_path)
+    # --no-deps: torch, diffusers and transformers (what `agentsd[pipelines]` adds) are borrowed, not fetched.
+    # --ignore-installed: the tests' agentsd (often an editable install, whose metadata is in the borrowed
+    # site-packages) has the same version, and pip would otherwise call the wheel already satisfied.
     install = ("install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", dist["wheel"])
     _run(python, "-m", "pip", *install, cwd=tmp_path)
     quick_start = textwrap.dedent(
@@ -169,3 +214,19 @@ def test_ci_runs_the_readme_test_command_last() -> None:
     positions = [ci.index(step) for step in steps]  # ValueError: a step of the README is not in .ci/run
     assert positions == sorted(positions)
     assert ".ci/floor-run" in ci and ci.index(".ci/floor-run") < positions[-1]  # the main summary ends the log
+    # ... in a fresh venv of its own, so that packages left on the CI machine cannot hide a missing install
+    before = ci[: positions[0]]
+    made = next(i for i, line in enumerate(before) if re.fullmatch(r'python3 -m venv "(\$\w+)/venv"', line))
+    assert any(re.fullmatch(r'(source|\.) "\$\w+/venv/bin/activate"', line) for line in before[made:])
+
+
+def test_readme_knob_table_gives_the_phase_defaults() -> None:
+    """Every defaulted field of agentsd.Phase appears with its default in the README's "Every knob" table."""
+    import dataclasses
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Every knob", 1)[1].split("\n#", 1)[0]
+    row = next(line for line in table.splitlines() if line.startswith("| `Phase("))
+    for field in dataclasses.fields(agentsd.Phase):
+        if field.default is not dataclasses.MISSING:
+            assert f"{field.name}={field.default:g}" in row, (field.name, row)
