@@ -207,8 +207,8 @@ SUITES: dict[str, Suite] = {
     "gpu-compile": Suite(
         "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), one forward of the "
         "SD 1.5 architecture at 512/1024 px, each method alone on a fresh compile cache: sd, tomesd, todo, "
-        "AgentSD's two phases, ceiling, median of 10 after 3 warm-ups. It pays once AgentSD's patched UNet "
-        "compiles as one graph (today one graph break per call); not part of the 8-minute gpu suite",
+        "AgentSD's two phases, ceiling, median of 10 after 3 warm-ups (CUDA graphs need the patched UNet "
+        "in one graph, as AgentSD's now is: tomesd's breaks split it); not part of the 8-minute gpu suite",
         {
             "methods": list(GPU_METHODS),
             "dtype": "float16",
@@ -902,7 +902,7 @@ def measure(
     Regionally compiled variants share one ``torch._dynamo`` cache, reset first: each compiled
     frame is a whole transformer block, guarded on its class, hooks and processors. Whole-model
     compilation cannot share it: its frames are the UNet's own methods, which every twin runs, and
-    the entries a variant with graph breaks leaves there (tomesd, or AgentSD's one break per call)
+    the entries a variant with graph breaks leaves there (tomesd's)
     also pass the guards of another twin's calls, which then run split graphs and recompile. So
     each variant runs alone there, on a freshly reset cache, and drift between them is not evened out.
 
