@@ -2,12 +2,14 @@
 
 Run, with the package installed (``pip install -e ".[eval]"``), e.g.::
 
-    python eval/speed.py --suite quick                  # about two minutes on 2 CPU cores
+    python eval/speed.py --suite quick                  # about two minutes on 2 quiet CPU cores
     python eval/speed.py --arch sd15 --resolutions 512 768 1024 --mode unet
     python eval/speed.py --arch sd15 --mode pipeline --steps 20 --methods deepcache agentsd+deepcache sd
+    python eval/speed.py --suite highres                # 1024-2048 px, with the ceiling: hours on a CPU
+    python eval/speed.py --suite hires                  # the hires fix's second pass at 1024 px
     python eval/speed.py --suite gpu                    # one GPU, fp16, at most 8 minutes
 
-Two measurements, chosen with ``--mode``:
+Three measurements, chosen with ``--mode``:
 
 * ``unet``: one UNet forward on the classifier-free-guidance batch (``--batch``, 2 by default),
   random latents of ``resolution / vae_scale_factor`` and random text embeddings, at a fixed
@@ -18,6 +20,10 @@ Two measurements, chosen with ``--mode``:
   ``--arch`` the pipeline is a real diffusers pipeline around the full-size random-weight UNet with
   toy text encoders and VAE (``unet_configs.Arch.build_pipeline``); with ``--model`` the real one.
   Both run with ``output_type="latent"``: the VAE decode is no method's business.
+* ``hires``: the hires fix's second pass, in seconds per image: image-to-image at ``--resolutions``
+  and strength 0.5 from a latent of half the size upscaled 2x, ``int(steps * 0.5)`` steps. AgentSD's
+  recipe switches phase by noise level (agent phase for t >= 0.6 T), so it runs its ToMe phase only
+  there, and its rows say so.
 
 Every method comes from the one registry, ``eval/methods.py``. Fairness is built in: the same
 weights, seeded inputs, seeds and settings for every method, warm-up calls before timing, and
@@ -29,14 +35,20 @@ regionally compiled methods are interleaved too; whole-model compiled ones run o
 each on a fresh ``torch._dynamo`` cache (see :func:`measure`). The reported compile count of the
 timed calls shows whether a method recompiles.
 
-Peak memory is measured in one extra untimed call per method and resolution: the peak of the
-memory allocated during the call above what was allocated before it (weights and inputs excluded),
-divided by the images in the call. On CUDA it comes from torch's allocator statistics; on CPU from
-the allocation and free events that ``torch.profiler`` records for torch tensors (memory allocated
-outside torch's allocator, such as oneDNN scratch space, is not seen).
+Peak memory is measured in the last warm-up call per method and resolution (in one extra untimed
+call when compiled or without warm-up): the peak of the memory allocated during the call above what
+was allocated before it (weights and inputs excluded), divided by the images in the call. On CUDA
+it comes from torch's allocator statistics; on CPU from the allocation and free events that
+``torch.profiler`` records for torch tensors (memory allocated outside torch's allocator, such as
+oneDNN scratch space, is not seen).
 
-Before the first timed call the script prints how long the run will take: the first call's
-seconds, scaled to every later call by a cost model (see :class:`Estimate`).
+How long a run takes is printed first, a priori (before any model is built: reference forwards
+of this project's 2-core CPU, scaled by a cost model of tokens and tokens squared, :class:`CostModel`),
+then again after the first call, adapted to its seconds (:class:`Estimate`). Timings are only as
+good as the machine is quiet: the load average is read before and after every timed call, and a
+load above the CPU count, or timed calls of one method spreading over 10% of their median, end the
+output with a warning (``speed_report.noise_warnings``). When the ceiling is timed, every row says
+how far it gets from the baseline towards it.
 """
 
 from __future__ import annotations
