@@ -313,7 +313,7 @@ def model_kind(pipeline_class: str) -> str:
 #: The examples that take each kind of model, for the advice when a model of another kind is given.
 _EXAMPLES_FOR = {
     "SDXL": "examples/sdxl.py or examples/compare_grid.py",
-    "SD 1.x/2.x": "examples/img2img.py, examples/controlnet.py or examples/compare_grid.py",
+    "SD 1.x/2.x": "examples/img2img.py, examples/hires_fix.py, examples/controlnet.py or examples/compare_grid.py",
 }
 
 
