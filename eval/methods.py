@@ -86,6 +86,8 @@ AGENTSD_KWARGS: dict[str, dict[str, Any]] = {
 }
 #: The cache checkpoint lists of ``ca_tome.CacheConf`` (0.1.3), by name.
 CA_TOME_CACHES = ("CONFIG_1", "CONFIG_2", "CONFIG_3", "CONFIG_4", "ADAPTIVE", "CONFIG_Five")
+#: The ``F.interpolate`` modes ToDo can downsample with (``area``: the mean of each factor-by-factor cell).
+TODO_MODES = ("nearest-exact", "nearest", "bilinear", "bicubic", "area")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +121,23 @@ class MethodOptions:
     ca_tome_cache: str = _knob(
         "CONFIG_3", "CA-ToMe: ca_tome.CacheConf steps where merge pairs are recomputed", choices=CA_TOME_CACHES
     )
+    todo_factor: float = _knob(
+        2.0, "ToDo: keys and values from the grid downsampled by this factor at the top attention level", minimum=1
+    )
+    todo_max_depth: int = _knob(
+        1,
+        "ToDo: attention levels downsampled from the top (2: also the next level, by --todo-factor-2)",
+        minimum=1,
+        maximum=2,
+    )
+    todo_factor_2: float = _knob(2.0, "ToDo: downsample factor at the second level (--todo-max-depth 2)", minimum=1)
+    todo_stop_after: float = _knob(
+        1.0,
+        "ToDo: on for this fraction of the denoising, while t >= (1 - f) * num_train_timesteps",
+        minimum=0,
+        maximum=1,
+    )
+    todo_mode: str = _knob("nearest-exact", "ToDo: F.interpolate mode of the downsampling", choices=TODO_MODES)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -344,6 +363,69 @@ TGATE = Part(
 )
 
 
+def _todo_factors(target: Any, options: MethodOptions) -> dict[int, float]:
+    """ToDo's downsample factor by level: the top attention level, and the next one at depth 2."""
+    top = _top(target)
+    return {top: options.todo_factor, **({2 * top: options.todo_factor_2} if options.todo_max_depth == 2 else {})}
+
+
+def _todo(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    import todo
+
+    return todo.apply_todo(
+        target, _todo_factors(target, options), stop_after=options.todo_stop_after, mode=options.todo_mode
+    )
+
+
+TODO = Part(
+    _todo,
+    lambda ratio, options: {
+        "todo": {
+            "factor": options.todo_factor,
+            "max_depth": options.todo_max_depth,
+            **({"factor_2": options.todo_factor_2} if options.todo_max_depth == 2 else {}),
+            "stop_after": options.todo_stop_after,
+            "mode": options.todo_mode,
+            "levels": "from the top attention level",
+        }
+    },
+    tidy=False,  # its remove is exact (tests/test_todo.py)
+)
+
+
+def _hidiffusion(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    if getattr(target, "name_or_path", None) is None:
+        raise TypeError(
+            "hidiffusion picks its settings from pipe.name_or_path, which is None for a pipeline built in code: "
+            "load it with from_pretrained, or set pipe.register_to_config(_name_or_path=...)"
+        )
+    from hidiffusion import apply_hidiffusion, remove_hidiffusion
+
+    pipeline_class, upsamplers = type(target), target.unet.num_upsamplers
+
+    def remove() -> None:
+        remove_hidiffusion(target)  # the UNet modules' classes back and its size hook gone
+        # What its remove leaves: the UNet's num_upsamplers (+12, to force explicit upsample sizes)
+        # and, for ControlNet pipelines, the pipeline's class.
+        target.unet.num_upsamplers = upsamplers
+        target.__class__ = pipeline_class
+
+    try:
+        apply_hidiffusion(target)  # its published defaults: RAU-Net and MSW-MSA window attention
+    except BaseException:
+        remove()  # it raises for an unrecognised UNet after adding its hook
+        raise
+    return remove
+
+
+HIDIFFUSION = Part(
+    _hidiffusion,
+    lambda ratio, options: {"hidiffusion": {"apply_raunet": True, "apply_window_attn": True}},
+    package="hidiffusion",
+    install="hidiffusion",
+)
+
+
 class SkipAttention:
     """An attention processor that costs nothing: zeros of its input's shape (``ceiling`` only)."""
 
@@ -544,6 +626,21 @@ METHODS: dict[str, Method] = _registry(
         parts=(CA_TOME,),
     ),
     _DEEPCACHE,
+    Method(
+        "todo",
+        "ToDo",
+        "ToDo: attn1 keys and values from the token grid downsampled at the top attention level (--todo-*)",
+        uses_ratio=False,
+        parts=(TODO,),
+    ),
+    Method(
+        "hidiffusion",
+        "HiDiffusion",
+        "HiDiffusion: RAU-Net resolution-aware UNet and MSW-MSA window attention (SD 1.5/2.1/XL; needs the pipeline)",
+        uses_ratio=False,
+        needs_pipeline=True,
+        parts=(HIDIFFUSION,),
+    ),
     Method(
         "tgate",
         "T-GATE",
