@@ -44,9 +44,10 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
   noise level as the authors' reference uses (default 1: every step). No ratio; a bare UNet will do.
 * ``hidiffusion``: HiDiffusion 0.1.10, ``apply_hidiffusion(pipe)`` at its defaults (RAU-Net and
   MSW-MSA window attention) and ``remove_hidiffusion(pipe)``. It recognises SD 1.5/2.1/XL by their
-  module names, takes its settings from ``pipe.name_or_path`` (refused when ``None``) and reads
-  ``pipe._num_timesteps``: a pipeline only. It imports ``diffusers.pipelines.controlnet.multicontrolnet``,
-  removed in diffusers 0.41, so there it is listed but unavailable (BENCHMARKS.md).
+  module names (any other UNet: TypeError), takes its settings from ``pipe.name_or_path`` (refused
+  when ``None``) and reads ``pipe._num_timesteps``: a pipeline only. It imports
+  ``diffusers.pipelines.controlnet.multicontrolnet``, removed in diffusers 0.41, so there it is
+  listed but unavailable (BENCHMARKS.md).
 * ``tgate``: T-GATE 1.0.0 (``TgateSDLoader`` / ``TgateSDXLLoader``) at its published defaults
   (``gate_step=10, sp_interval=5, fi_interval=1, warm_up=2``). After the gate step its loop drops
   classifier-free guidance and reuses the cached cross-attention. Its attention forward replaces
@@ -425,8 +426,10 @@ def _hidiffusion(target: Any, ratio: float | None, seed: int, options: MethodOpt
 
     try:
         apply_hidiffusion(target)  # its published defaults: RAU-Net and MSW-MSA window attention
-    except BaseException:
-        remove()  # it raises for an unrecognised UNet after adding its hook
+    except BaseException as error:
+        remove()  # it raises after adding its hook
+        if type(error) is Exception:  # its refusal of a UNet it does not recognise, as the other peers' refusals
+            raise TypeError(f"hidiffusion: {error}") from error
         raise
     return remove
 

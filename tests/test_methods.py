@@ -346,8 +346,15 @@ def sd15_layout_pipeline(folder) -> StableDiffusionPipeline:
 
 
 def test_hidiffusion_applies_and_removes_exactly(tmp_path, hidiffusion_importable):
+    method = m.METHODS["hidiffusion"]
+    other = tiny_pipeline("sd", tmp_path / "other")
+    other.register_to_config(_name_or_path="tiny-sd")
+    state, upsamplers = instance_state(other), other.unet.num_upsamplers
+    with pytest.raises(TypeError, match="hidiffusion: tiny-sd is not a supported model"):
+        run(method, other)
+    assert instance_state(other) == state and other.unet.num_upsamplers == upsamplers
     pipe = sd15_layout_pipeline(tmp_path)
-    method, state = m.METHODS["hidiffusion"], instance_state(pipe)
+    state = instance_state(pipe)
     with pytest.raises(TypeError, match="pipe.name_or_path, which is None"):
         run(method, pipe)
     assert instance_state(pipe) == state
