@@ -36,6 +36,18 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
   (its published SD 1.5 settings). It needs ``target.unet`` and ``target.scheduler`` (a pipeline,
   or any object with both, for a script's own loop) and finds the step from the timestep, which the
   UNet must receive as its second positional argument, a tensor taken from ``scheduler.timesteps``.
+* ``todo``: ToDo, token downsampling (Smith et al. 2024), written here in ``todo.py`` from the paper:
+  in ``attn1`` at the top attention level every query is kept, and keys and values are computed from
+  the token grid downsampled with ``F.interpolate`` (``--todo-factor 2``, ``--todo-mode nearest-exact``).
+  ``--todo-max-depth 2`` also downsamples the next level (by ``--todo-factor-2``, as the reference's
+  ``downsample_factor_level_2``); ``--todo-stop-after f`` keeps it on while ``t >= (1 - f) T``, the
+  noise level as the authors' reference uses (default 1: every step). No ratio; a bare UNet will do.
+* ``hidiffusion``: HiDiffusion 0.1.10, ``apply_hidiffusion(pipe)`` at its defaults (RAU-Net and
+  MSW-MSA window attention) and ``remove_hidiffusion(pipe)``. It recognises SD 1.5/2.1/XL by their
+  module names (any other UNet: TypeError), takes its settings from ``pipe.name_or_path`` (refused
+  when ``None``) and reads ``pipe._num_timesteps``: a pipeline only. It imports
+  ``diffusers.pipelines.controlnet.multicontrolnet``, removed in diffusers 0.41, so there it is
+  listed but unavailable (BENCHMARKS.md).
 * ``tgate``: T-GATE 1.0.0 (``TgateSDLoader`` / ``TgateSDXLLoader``) at its published defaults
   (``gate_step=10, sp_interval=5, fi_interval=1, warm_up=2``). After the gate step its loop drops
   classifier-free guidance and reuses the cached cross-attention. Its attention forward replaces
@@ -52,10 +64,12 @@ and CA-ToMe fork the global RNG at their first UNet call after being applied, so
 wants the same images again seeds the global RNG before applying (fid.py seeds it with ``--seed`` before every batch).
 
 Removal (the context's exit) runs each library's own remove, in reverse order of application.
-DeepCache, T-GATE, CA-ToMe and tomesd leave attributes behind (``forward`` wrappers and caches on
-modules, ``pipe.tgate``, ``pipe.call``, ``_tome_info``); those a part added to the pipeline or to
-the UNet's modules are deleted after its remove, and a replaced ``forward`` is put back, so the
-pipeline is left as it was. AgentSD's own ``remove_patch`` is exact and tested in its own tests.
+DeepCache, T-GATE, CA-ToMe, tomesd and HiDiffusion leave attributes behind (``forward`` wrappers and
+caches on modules, ``pipe.tgate``, ``pipe.call``, ``_tome_info``, ``info``); those a part added to the
+pipeline or to the UNet's modules are deleted after its remove, and a replaced ``forward`` is put
+back, so the pipeline is left as it was (HiDiffusion's part also undoes its ``num_upsamplers + 12``
+and, on ControlNet pipelines, the pipeline's class). AgentSD's ``remove_patch`` and ToDo's remove
+are exact and tested in their own tests.
 """
 
 from __future__ import annotations
@@ -412,8 +426,10 @@ def _hidiffusion(target: Any, ratio: float | None, seed: int, options: MethodOpt
 
     try:
         apply_hidiffusion(target)  # its published defaults: RAU-Net and MSW-MSA window attention
-    except BaseException:
-        remove()  # it raises for an unrecognised UNet after adding its hook
+    except BaseException as error:
+        remove()  # it raises after adding its hook
+        if type(error) is Exception:  # its refusal of a UNet it does not recognise, as the other peers' refusals
+            raise TypeError(f"hidiffusion: {error}") from error
         raise
     return remove
 

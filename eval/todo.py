@@ -5,8 +5,9 @@ query is kept, and the keys and values are computed from the hidden states downs
 token grid (``F.interpolate`` to ``int(h / factor) x int(w / factor)``). Nothing is merged or
 unmerged: the queries attend sparsely to the image, so attention costs ``N * N / factor**2``.
 
-Written here from the paper's description (the reference implementations are for kohya
-sd-scripts, A1111 and ComfyUI, not diffusers) with diffusers' own machinery:
+Written here from the paper's description (the authors' reference, ImprovedTokenMerge, hooks
+``to_k`` / ``to_v`` with PyTorch hooks; ports exist for kohya sd-scripts, A1111 and ComfyUI) with
+diffusers' own machinery:
 
 * a hook on the UNet (:class:`ToDoHook`, ``diffusers.hooks``) reads the latent size from ``sample``
   and the noise level from ``timestep`` (positional or keyword) before every call;
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 
+# AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
 from agentsd.patch import DEFAULT_NUM_TRAIN_TIMESTEPS, _call_argument, _transformer_blocks
 
 HOOK_NAME = "todo"
@@ -119,21 +121,21 @@ class ToDoAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        grid = self.grid(hidden_states)
-        if grid is None or encoder_hidden_states is not None or attention_mask is not None:
+        plain = encoder_hidden_states is None and attention_mask is None
+        grids = self.grids(hidden_states) if plain else None
+        if grids is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        size = (max(1, int(grid[0] / self.factor)), max(1, int(grid[1] / self.factor)))
-        if size == grid:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        return downsampled_attention(attn, hidden_states, grid, size, self.state.mode)
+        return downsampled_attention(attn, hidden_states, *grids, self.state.mode)
 
-    def grid(self, hidden_states: torch.Tensor) -> tuple[int, int] | None:
-        """The (h, w) token grid of this call, or ``None`` when ToDo is off or the tokens are not that grid."""
+    def grids(self, hidden_states: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """The (h, w) token grid of this call and the smaller one its keys come from, or ``None`` where ToDo
+        leaves the call alone: off, tokens that are not that grid, or a grid the factor does not shrink."""
         if not self.state.active or self.state.size is None or hidden_states.ndim != 3:
             return None
         # A stride-2 convolution with padding 1 halves a side rounding up, level after level.
         h, w = (math.ceil(side / self.downsample) for side in self.state.size)
-        return (h, w) if h * w == hidden_states.shape[1] else None
+        size = (max(1, int(h / self.factor)), max(1, int(w / self.factor)))
+        return ((h, w), size) if h * w == hidden_states.shape[1] and size != (h, w) else None
 
 
 def apply_todo(

@@ -117,10 +117,10 @@ def unet_inputs(kind: str) -> dict:
     torch.manual_seed(1)
     inputs = {
         "sample": torch.randn(2, 4, 16, 12),
-        "encoder_hidden_states": torch.randn(2, 77, 64 if kind == "sdxl" else 32),
+        "encoder_hidden_states": torch.randn(2, 77, 2 * TEXT_DIM if kind == "sdxl" else TEXT_DIM),
     }
     if kind == "sdxl":
-        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, TEXT_DIM), "time_ids": torch.randn(2, 6)}
     return inputs
 
 
