@@ -1,26 +1,37 @@
 """One merged transformer block alone, eager and compiled, for each method: how close to the ceiling.
 
     python benchmarks/block.py --resolution 768 --repeats 5
+    python benchmarks/block.py --resolution 2048 --modes eager --methods sd agent-phase ceiling \
+        --agentsd sx=2,sy=2,agent_ratio=0.95 agent_ratio=0.9,sx=4,sy=4   # a knob study
 
 A whole-UNet forward mixes the blocks that merging speeds up with convolutions and unmerged levels,
 so its ratios move with everything else. This times the one block that the ratio is about: the
-first transformer block of the SD 1.5 UNet's top level (dim 320; 4,096 / 9,216 / 16,384 tokens at
-512 / 768 / 1024 px), on its real input, captured from a UNet forward at t = 981 with the method
-applied as ``eval/methods.py`` applies it. Each method has its own twin of the UNet
-(``speed.twin``: same weights), and its block is timed eager and compiled
+first transformer block of the SD 1.5 UNet's top level (dim 320; 4,096 / 9,216 / 16,384 / 65,536
+tokens at 512 / 768 / 1024 / 2048 px) by default, eager and compiled
 (``torch.compile(block, fullgraph=True, dynamic=False)``, without ``fullgraph`` where it fails:
 tomesd), the methods in turn, order reversed every round. "of the way" is how far the block gets
 from the plain one towards the ceiling (its self-attention for free): (plain - method) / (plain -
 ceiling), per mode.
+
+Each method has its own twin of the UNet (``speed.twin``: same weights), applied as
+``eval/methods.py`` applies it; ``--agentsd KNOBS`` adds AgentSD with one fixed phase of those
+knobs (``sx``, ``sy``, ``agent_ratio``, ``ratio``, ``max_downsample``, ...: ``agentsd.AgentSDConfig``).
+The block's input is captured once, from the plain UNet's forward at t = 981 (eval/speed.py's
+inputs), which stops at the block; each method's UNet forward is then started and stopped at its
+first layer, which sets its patch's per-call state (phase, grid layouts, latent size). So no whole
+forward runs (a 2048 px SD 1.5 forward is about 11 min on 2 CPU cores): for the top level's first
+block the input is every method's own; for a later block (``--block``) it is the plain UNet's,
+which costs the same (a block's time depends on shapes, not values).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +42,46 @@ import methods as registry  # noqa: E402
 import speed  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
+import agentsd  # noqa: E402
 
-def capture_block_call(block: torch.nn.Module, forward: Callable[[], Any]) -> tuple[tuple, dict]:
-    """The arguments ``block`` gets during ``forward()``, a forward of the UNet that holds it.
 
-    The forward also leaves the patches' per-call state (phase, grid layouts, tomesd's latent size) set.
-    """
+class _Stop(Exception):
+    """Ends a UNet forward early, at the module whose input was wanted."""
+
+
+def run_until(module: torch.nn.Module, forward: Callable[[], Any]) -> tuple[tuple, dict]:
+    """The arguments ``module`` gets during ``forward()``, a forward of the UNet that holds it,
+    which stops there (the UNet-level hooks of the patches have run by then)."""
     seen: dict[str, Any] = {}
-    handle = block.register_forward_pre_hook(
-        lambda _, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True
-    )
+
+    def stop(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.update(args=args, kwargs=kwargs)
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(stop, with_kwargs=True)
     try:
         forward()
+    except _Stop:
+        pass
     finally:
         handle.remove()
     return seen["args"], seen["kwargs"]
+
+
+def agentsd_knobs(text: str) -> dict[str, Any]:
+    """``sx=2,sy=2,agent_ratio=0.95`` -> AgentSD keywords of one fixed phase at ratio 0.4 (unless given), checked."""
+    knobs: dict[str, Any] = {"schedule": "fixed", "ratio": 0.4}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            knobs[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected key=number pairs, got {item!r}") from None
+    try:
+        agentsd.AgentSDConfig(**knobs)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return knobs
 
 
 def main() -> None:
@@ -57,6 +93,15 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=["sd", "tomesd", "agent-phase", "tome-phase", "ceiling"])
+    parser.add_argument(
+        "--agentsd",
+        type=agentsd_knobs,
+        nargs="+",
+        default=[],
+        metavar="KNOBS",
+        help="more variants: AgentSD with one fixed phase of these knobs (key=value,...; ratio 0.4 unless given)",
+    )
+    parser.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.methods[0] != "sd" or "ceiling" not in args.methods:
@@ -67,44 +112,70 @@ def main() -> None:
     # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
     workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
 
+    def registered(name: str) -> Callable[[Any], Any]:
+        method = registry.METHODS[name]
+        ratio = 0.4 if method.uses_ratio else None
+        return lambda twin: method.applied(twin, ratio=ratio, options=registry.MethodOptions())
+
+    @contextmanager
+    def knobbed(twin: Any, knobs: dict[str, Any]) -> Iterator[None]:
+        agentsd.apply_patch(twin, **knobs)
+        try:
+            yield
+        finally:
+            agentsd.remove_patch(twin)
+
+    variants = {name: registered(name) for name in args.methods}
+    for knobs in args.agentsd:
+        label = ",".join(f"{key}={value}" for key, value in knobs.items() if key != "schedule")
+        variants[f"agentsd[{label}]"] = functools.partial(knobbed, knobs=knobs)
+
     calls = {}
+    block_args: tuple = ()
+    block_kwargs: dict = {}
     with ExitStack() as applied, torch.inference_mode():
-        for name in args.methods:
-            method = registry.METHODS[name]
+        for index, (name, apply) in enumerate(variants.items()):
             twin = speed.twin(unet)
-            applied.enter_context(
-                method.applied(twin, ratio=0.4 if method.uses_ratio else None, options=registry.MethodOptions())
-            )
+            applied.enter_context(apply(twin))
             block = twin.get_submodule(args.block)
-            block_args, block_kwargs = capture_block_call(block, lambda twin=twin: workload.call(twin, False))
-            for fullgraph in (True, False):
-                compiled = torch.compile(block, fullgraph=fullgraph, dynamic=False)
-                try:
-                    compiled(*block_args, **block_kwargs)
-                    break
-                except torch._dynamo.exc.Unsupported:
-                    print(f"{name}: fullgraph=True fails; compiled with graph breaks", flush=True)
-            calls[name] = {
-                "eager": lambda block=block, a=block_args, k=block_kwargs: block(*a, **k),
-                "compiled": lambda compiled=compiled, a=block_args, k=block_kwargs: compiled(*a, **k),
-            }
+            if index == 0:  # sd: the block's input, from the plain UNet
+                block_args, block_kwargs = run_until(block, lambda twin=twin: workload.call(twin, False))
+            else:  # the patch's per-call state, from its own UNet's call
+                run_until(twin.conv_in, lambda twin=twin: workload.call(twin, False))
+            calls[name] = {}
+            if "eager" in args.modes:
+                calls[name]["eager"] = functools.partial(block, *block_args, **block_kwargs)
+            if "compiled" in args.modes:
+                for fullgraph in (True, False):
+                    compiled = torch.compile(block, fullgraph=fullgraph, dynamic=False)
+                    try:
+                        compiled(*block_args, **block_kwargs)
+                        break
+                    except torch._dynamo.exc.Unsupported:
+                        print(f"{name}: fullgraph=True fails; compiled with graph breaks", flush=True)
+                calls[name]["compiled"] = functools.partial(compiled, *block_args, **block_kwargs)
             tokens = block_args[0].shape[1] if block_args else block_kwargs["hidden_states"].shape[1]
             print(f"{name}: ready ({tokens} tokens)", flush=True)
-        times = {(name, mode): [] for name in args.methods for mode in ("eager", "compiled")}
+        for call in (call for modes in calls.values() for call in modes.values()):
+            call()  # warm-up (eager: first-call allocations; compiled: already compiled above)
+        times = {(name, mode): [] for name in variants for mode in args.modes}
         for repeat in range(args.repeats):
-            for name in args.methods if repeat % 2 == 0 else reversed(args.methods):
+            for name in variants if repeat % 2 == 0 else reversed(list(variants)):
                 for mode, call in calls[name].items():
                     times[name, mode].append(speed.timed(call, torch.device("cpu")))
 
     median = {key: statistics.median(ts) for key, ts in times.items()}
     print(f"\n{args.arch} `{args.block}` at {args.resolution} px, batch 2, ms per call, median of {args.repeats}:")
-    print("| method | eager | of the way | compiled | of the way |\n|---|---|---|---|---|")
-    for name in args.methods:
+    print("| method | " + " | ".join(f"{mode} | of the way" for mode in args.modes) + " |")
+    print("|---|" + "---|---|" * len(args.modes))
+    for name in variants:
         cells = []
-        for mode in ("eager", "compiled"):
+        for mode in args.modes:
             plain, ceiling, own = median["sd", mode], median["ceiling", mode], median[name, mode]
             spread = f"{min(times[name, mode]) * 1e3:.0f}-{max(times[name, mode]) * 1e3:.0f}"
-            cells += [f"{own * 1e3:.0f} ({spread})", f"{(plain - own) / (plain - ceiling):.0%}"]
+            # No ceiling below plain: the block is not one that the ceiling (AgentSD's default blocks) skips.
+            way = f"{(plain - own) / (plain - ceiling):.0%}" if plain > ceiling else "n/a"
+            cells += [f"{own * 1e3:.0f} ({spread})", way]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

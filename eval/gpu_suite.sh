@@ -9,9 +9,11 @@
 #   eval/gpu_suite.sh            # there: installs from .wheels/ only (never torch), runs the suite
 #
 # Results go to $OUT/gpu-suite (speed.json, speed.csv, speedup.png, log.txt) plus $OUT/environment.txt;
-# $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine).
-# The suite is sized for about 6 minutes on one H100-class GPU; `timeout` stops it at 8 (results are
-# written after every resolution, so a stopped run keeps what it measured).
+# $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine);
+# SUITE=gpu-compile the whole UNet compiled with CUDA graphs (mode reduce-overhead) at 512/1024 px.
+# The suite is sized for about 7 minutes on one H100-class GPU (2048 px with 5 repeats, the rest
+# with 10); `timeout` stops it at 8 (results are written after every resolution, so a stopped run
+# keeps what it measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels

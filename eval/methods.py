@@ -36,6 +36,18 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
   (its published SD 1.5 settings). It needs ``target.unet`` and ``target.scheduler`` (a pipeline,
   or any object with both, for a script's own loop) and finds the step from the timestep, which the
   UNet must receive as its second positional argument, a tensor taken from ``scheduler.timesteps``.
+* ``todo``: ToDo, token downsampling (Smith et al. 2024), written here in ``todo.py`` from the paper:
+  in ``attn1`` at the top attention level every query is kept, and keys and values are computed from
+  the token grid downsampled with ``F.interpolate`` (``--todo-factor 2``, ``--todo-mode nearest-exact``).
+  ``--todo-max-depth 2`` also downsamples the next level (by ``--todo-factor-2``, as the reference's
+  ``downsample_factor_level_2``); ``--todo-stop-after f`` keeps it on while ``t >= (1 - f) T``, the
+  noise level as the authors' reference uses (default 1: every step). No ratio; a bare UNet will do.
+* ``hidiffusion``: HiDiffusion 0.1.10, ``apply_hidiffusion(pipe)`` at its defaults (RAU-Net and
+  MSW-MSA window attention) and ``remove_hidiffusion(pipe)``. It recognises SD 1.5/2.1/XL by their
+  module names (any other UNet: TypeError), takes its settings from ``pipe.name_or_path`` (refused
+  when ``None``) and reads ``pipe._num_timesteps``: a pipeline only. It imports
+  ``diffusers.pipelines.controlnet.multicontrolnet``, removed in diffusers 0.41, so there it is
+  listed but unavailable (BENCHMARKS.md).
 * ``tgate``: T-GATE 1.0.0 (``TgateSDLoader`` / ``TgateSDXLLoader``) at its published defaults
   (``gate_step=10, sp_interval=5, fi_interval=1, warm_up=2``). After the gate step its loop drops
   classifier-free guidance and reuses the cached cross-attention. Its attention forward replaces
@@ -52,10 +64,12 @@ and CA-ToMe fork the global RNG at their first UNet call after being applied, so
 wants the same images again seeds the global RNG before applying (fid.py seeds it with ``--seed`` before every batch).
 
 Removal (the context's exit) runs each library's own remove, in reverse order of application.
-DeepCache, T-GATE, CA-ToMe and tomesd leave attributes behind (``forward`` wrappers and caches on
-modules, ``pipe.tgate``, ``pipe.call``, ``_tome_info``); those a part added to the pipeline or to
-the UNet's modules are deleted after its remove, and a replaced ``forward`` is put back, so the
-pipeline is left as it was. AgentSD's own ``remove_patch`` is exact and tested in its own tests.
+DeepCache, T-GATE, CA-ToMe, tomesd and HiDiffusion leave attributes behind (``forward`` wrappers and
+caches on modules, ``pipe.tgate``, ``pipe.call``, ``_tome_info``, ``info``); those a part added to the
+pipeline or to the UNet's modules are deleted after its remove, and a replaced ``forward`` is put
+back, so the pipeline is left as it was (HiDiffusion's part also undoes its ``num_upsamplers + 12``
+and, on ControlNet pipelines, the pipeline's class). AgentSD's ``remove_patch`` and ToDo's remove
+are exact and tested in their own tests.
 """
 
 from __future__ import annotations
@@ -86,6 +100,8 @@ AGENTSD_KWARGS: dict[str, dict[str, Any]] = {
 }
 #: The cache checkpoint lists of ``ca_tome.CacheConf`` (0.1.3), by name.
 CA_TOME_CACHES = ("CONFIG_1", "CONFIG_2", "CONFIG_3", "CONFIG_4", "ADAPTIVE", "CONFIG_Five")
+#: The ``F.interpolate`` modes ToDo can downsample with (``area``: the mean of each factor-by-factor cell).
+TODO_MODES = ("nearest-exact", "nearest", "bilinear", "bicubic", "area")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +135,23 @@ class MethodOptions:
     ca_tome_cache: str = _knob(
         "CONFIG_3", "CA-ToMe: ca_tome.CacheConf steps where merge pairs are recomputed", choices=CA_TOME_CACHES
     )
+    todo_factor: float = _knob(
+        2.0, "ToDo: keys and values from the grid downsampled by this factor at the top attention level", minimum=1
+    )
+    todo_max_depth: int = _knob(
+        1,
+        "ToDo: attention levels downsampled from the top (2: also the next level, by --todo-factor-2)",
+        minimum=1,
+        maximum=2,
+    )
+    todo_factor_2: float = _knob(2.0, "ToDo: downsample factor at the second level (--todo-max-depth 2)", minimum=1)
+    todo_stop_after: float = _knob(
+        1.0,
+        "ToDo: on for this fraction of the denoising, while t >= (1 - f) * num_train_timesteps",
+        minimum=0,
+        maximum=1,
+    )
+    todo_mode: str = _knob("nearest-exact", "ToDo: F.interpolate mode of the downsampling", choices=TODO_MODES)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -344,6 +377,71 @@ TGATE = Part(
 )
 
 
+def _todo_factors(target: Any, options: MethodOptions) -> dict[int, float]:
+    """ToDo's downsample factor by level: the top attention level, and the next one at depth 2."""
+    top = _top(target)
+    return {top: options.todo_factor, **({2 * top: options.todo_factor_2} if options.todo_max_depth == 2 else {})}
+
+
+def _todo(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    import todo
+
+    return todo.apply_todo(
+        target, _todo_factors(target, options), stop_after=options.todo_stop_after, mode=options.todo_mode
+    )
+
+
+TODO = Part(
+    _todo,
+    lambda ratio, options: {
+        "todo": {
+            "factor": options.todo_factor,
+            "max_depth": options.todo_max_depth,
+            **({"factor_2": options.todo_factor_2} if options.todo_max_depth == 2 else {}),
+            "stop_after": options.todo_stop_after,
+            "mode": options.todo_mode,
+            "levels": "from the top attention level",
+        }
+    },
+    tidy=False,  # its remove is exact (tests/test_todo.py)
+)
+
+
+def _hidiffusion(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    if getattr(target, "name_or_path", None) is None:
+        raise TypeError(
+            "hidiffusion picks its settings from pipe.name_or_path, which is None for a pipeline built in code: "
+            "load it with from_pretrained, or set pipe.register_to_config(_name_or_path=...)"
+        )
+    from hidiffusion import apply_hidiffusion, remove_hidiffusion
+
+    pipeline_class, upsamplers = type(target), target.unet.num_upsamplers
+
+    def remove() -> None:
+        remove_hidiffusion(target)  # the UNet modules' classes back and its size hook gone
+        # What its remove leaves: the UNet's num_upsamplers (+12, to force explicit upsample sizes)
+        # and, for ControlNet pipelines, the pipeline's class.
+        target.unet.num_upsamplers = upsamplers
+        target.__class__ = pipeline_class
+
+    try:
+        apply_hidiffusion(target)  # its published defaults: RAU-Net and MSW-MSA window attention
+    except BaseException as error:
+        remove()  # it raises after adding its hook
+        if type(error) is Exception:  # its refusal of a UNet it does not recognise, as the other peers' refusals
+            raise TypeError(f"hidiffusion: {error}") from error
+        raise
+    return remove
+
+
+HIDIFFUSION = Part(
+    _hidiffusion,
+    lambda ratio, options: {"hidiffusion": {"apply_raunet": True, "apply_window_attn": True}},
+    package="hidiffusion",
+    install="hidiffusion",
+)
+
+
 class SkipAttention:
     """An attention processor that costs nothing: zeros of its input's shape (``ceiling`` only)."""
 
@@ -544,6 +642,21 @@ METHODS: dict[str, Method] = _registry(
         parts=(CA_TOME,),
     ),
     _DEEPCACHE,
+    Method(
+        "todo",
+        "ToDo",
+        "ToDo: attn1 keys and values from the token grid downsampled at the top attention level (--todo-*)",
+        uses_ratio=False,
+        parts=(TODO,),
+    ),
+    Method(
+        "hidiffusion",
+        "HiDiffusion",
+        "HiDiffusion: RAU-Net resolution-aware UNet and MSW-MSA window attention (SD 1.5/2.1/XL; needs the pipeline)",
+        uses_ratio=False,
+        needs_pipeline=True,
+        parts=(HIDIFFUSION,),
+    ),
     Method(
         "tgate",
         "T-GATE",

@@ -2,12 +2,14 @@
 
 Run, with the package installed (``pip install -e ".[eval]"``), e.g.::
 
-    python eval/speed.py --suite quick                  # about two minutes on 2 CPU cores
+    python eval/speed.py --suite quick                  # about two minutes on 2 quiet CPU cores
     python eval/speed.py --arch sd15 --resolutions 512 768 1024 --mode unet
     python eval/speed.py --arch sd15 --mode pipeline --steps 20 --methods deepcache agentsd+deepcache sd
+    python eval/speed.py --suite highres                # 1024-2048 px, with the ceiling: hours on a CPU
+    python eval/speed.py --suite hires                  # the hires fix's second pass at 1024 px
     python eval/speed.py --suite gpu                    # one GPU, fp16, at most 8 minutes
 
-Two measurements, chosen with ``--mode``:
+Three measurements, chosen with ``--mode``:
 
 * ``unet``: one UNet forward on the classifier-free-guidance batch (``--batch``, 2 by default),
   random latents of ``resolution / vae_scale_factor`` and random text embeddings, at a fixed
@@ -18,6 +20,10 @@ Two measurements, chosen with ``--mode``:
   ``--arch`` the pipeline is a real diffusers pipeline around the full-size random-weight UNet with
   toy text encoders and VAE (``unet_configs.Arch.build_pipeline``); with ``--model`` the real one.
   Both run with ``output_type="latent"``: the VAE decode is no method's business.
+* ``hires``: the hires fix's second pass, in seconds per image: image-to-image at ``--resolutions``
+  and strength 0.5 from a latent of half the size upscaled 2x, ``int(steps * 0.5)`` steps. AgentSD's
+  recipe switches phase by noise level (agent phase for t >= 0.6 T), so it runs its ToMe phase only
+  there, and its rows say so.
 
 Every method comes from the one registry, ``eval/methods.py``. Fairness is built in: the same
 weights, seeded inputs, seeds and settings for every method, warm-up calls before timing, and
@@ -29,14 +35,20 @@ regionally compiled methods are interleaved too; whole-model compiled ones run o
 each on a fresh ``torch._dynamo`` cache (see :func:`measure`). The reported compile count of the
 timed calls shows whether a method recompiles.
 
-Peak memory is measured in one extra untimed call per method and resolution: the peak of the
-memory allocated during the call above what was allocated before it (weights and inputs excluded),
-divided by the images in the call. On CUDA it comes from torch's allocator statistics; on CPU from
-the allocation and free events that ``torch.profiler`` records for torch tensors (memory allocated
-outside torch's allocator, such as oneDNN scratch space, is not seen).
+Peak memory is measured in the last warm-up call per method and resolution (in one extra untimed
+call when compiled or without warm-up): the peak of the memory allocated during the call above what
+was allocated before it (weights and inputs excluded), divided by the images in the call. On CUDA
+it comes from torch's allocator statistics; on CPU from the allocation and free events that
+``torch.profiler`` records for torch tensors (memory allocated outside torch's allocator, such as
+oneDNN scratch space, is not seen).
 
-Before the first timed call the script prints how long the run will take: the first call's
-seconds, scaled to every later call by a cost model (see :class:`Estimate`).
+How long a run takes is printed first, a priori (before any model is built: reference forwards
+of this project's 2-core CPU, scaled by a cost model of tokens and tokens squared, :class:`CostModel`),
+then again after the first call, adapted to its seconds (:class:`Estimate`). Timings are only as
+good as the machine is quiet: the load average is read before and after every timed call, and a
+load above the CPU count, or timed calls of one method spreading over 10% of their median, end the
+output with a warning (``speed_report.noise_warnings``). When the ceiling is timed, every row says
+how far it gets from the baseline towards it.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ import copy
 import functools
 import gc
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -66,13 +79,15 @@ import torch  # noqa: E402
 from packaging.version import Version  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from agentsd.config import RECIPE_SWITCH  # noqa: E402
+
 # Sibling script modules: eval/ is sys.path[0] when this file runs as a script.
 from methods import METHODS, Method, Variant, add_method_arguments, options_from, resolve_methods  # noqa: E402 isort: skip
 from methods import variants as method_variants  # noqa: E402 isort: skip
-from speed_report import Row, format_table, machine_info, write_outputs  # noqa: E402 isort: skip
+from speed_report import Row, format_table, machine_info, noise_warnings, write_outputs  # noqa: E402 isort: skip
 from unet_configs import ARCHS, TEXT_TOKENS, Arch  # noqa: E402 isort: skip
 
-MODES = ("unet", "pipeline")
+MODES = ("unet", "pipeline", "hires")
 COMPILE_MODES = ("none", "regional", "full")
 #: diffusers release that added ``ModelMixin.compile_repeated_blocks`` and the UNet's ``_repeated_blocks``.
 REGIONAL_DIFFUSERS = "0.35"
@@ -84,8 +99,18 @@ SEED = 0
 #: (first step, cached steps, both recipe phases) at a fraction of a full generation's cost.
 WARMUP_STEPS = 3
 GUIDANCE_SCALE = 7.5
+#: The hires fix's second pass (``--mode hires``): image-to-image at this strength from the first
+#: pass's latent upscaled this many times (the common 512 -> 1024 px workflow at strength 0.4-0.6).
+HIRES_STRENGTH = 0.5
+HIRES_UPSCALE = 2
+#: AgentSD's recipe picks its phase by noise level, not by step: its agent phase covers t >= 0.6 T.
+HIRES_RECIPE_NOTE = (
+    f"the pass starts at t = {HIRES_STRENGTH:g} T, below the recipe's agent phase (t >= {RECIPE_SWITCH:g} T): "
+    "it runs the ToMe phase only"
+)
 PROMPT = "a high quality photograph of a corgi"
 MIB = 2**20
+CPUS = os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,38 +150,86 @@ class Suite:
     runs: tuple[Run, ...]
 
 
-#: What the GPU suite compares: the baseline, tomesd, AgentSD's recipe and its two phases, and the
-#: ceiling (patched blocks skip self-attention: the most any merging of that level could gain).
-GPU_METHODS = ("sd", "tomesd", "agentsd", "agent-phase", "tome-phase", "ceiling")
+#: What the GPU suite compares: the baseline, tomesd, ToDo, AgentSD's recipe and its two phases, and
+#: the ceiling (patched blocks skip self-attention: the most any merging of that level could gain).
+GPU_METHODS = ("sd", "tomesd", "todo", "agentsd", "agent-phase", "tome-phase", "ceiling")
 #: One forward at t = 981 is the recipe's agent phase: the recipe is timed over whole generations,
 #: its two phases on one forward each.
 _FORWARD_SKIPS = ("agentsd",)
 _GENERATION_SKIPS = ("agent-phase", "tome-phase")
 
 # Cheapest and most asked-for first: every run's rows are written when it ends, so a run stopped
-# at the time limit keeps what it measured.
+# at the time limit keeps what it measured. 2048 px has its own run with fewer repeats (drop
+# repeats, not sizes: the suite must fit its 8 minutes).
 _GPU_RUNS = (
     Run("sd15", None, ("unet",), (512, 768, 1024), skip=_FORWARD_SKIPS),
     Run("sdxl", None, ("unet",), (1024,), skip=_FORWARD_SKIPS),
+    Run("sd15", None, ("unet",), (2048,), skip=_FORWARD_SKIPS, repeats=5),
     Run("sd15", None, ("unet",), (1024,), compile="regional", skip=_FORWARD_SKIPS),
     Run("sd15", None, ("pipeline",), (512, 1024), steps=20, skip=_GENERATION_SKIPS, warmup=1, repeats=3),
     Run("sdxl", None, ("unet",), (1024,), compile="regional", skip=_FORWARD_SKIPS),
 )
 
+#: Issue 16.3's table: one forward (t = 981, the agent phase), batch 2, from 1024 to 2048 px, the
+#: ceiling at every size. SDXL without tomesd and the ToMe phase; AgentSD's default patch there is
+#: its top attention level (downsample 2). One run per size, cheapest first, so that every size's
+#: rows are written as soon as it is done; 2048 px with one timed call (a 2048 px SD 1.5 forward is
+#: about 11 min on 2 CPU cores).
+HIGHRES_METHODS = ("sd", "tomesd", "todo", "agent-phase", "tome-phase", "ceiling")
+_HIGHRES_XL_SKIPS = ("tomesd", "tome-phase")
+_HIGHRES_RUNS = (
+    Run("sd15", None, ("unet",), (1024,)),
+    Run("sdxl", None, ("unet",), (1024,), skip=_HIGHRES_XL_SKIPS),
+    Run("sd15", None, ("unet",), (1536,)),
+    Run("sd15", None, ("unet",), (2048,), repeats=1),
+    Run("sdxl", None, ("unet",), (2048,), skip=_HIGHRES_XL_SKIPS, repeats=1),
+)
+
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         "SD 1.5 architecture, one UNet forward at 512 px: sd, tomesd and AgentSD's two phases, "
-        "1 warm-up + 2 timed calls each, no memory call (about 2 min on 2 CPU cores)",
+        "1 warm-up + 2 timed calls each, no memory call (about 2 min on 2 quiet CPU cores; the script "
+        "prints its own estimate, adapted to the first call, and warns when the machine is busy)",
         {"methods": ["sd", "tomesd", "agent-phase", "tome-phase"], "warmup": 1, "repeats": 2, "memory": False},
         (Run("sd15", None, ("unet",), (512,)),),
     ),
+    "highres": Suite(
+        "one UNet forward, batch 2, peak memory: the SD 1.5 architecture at 1024/1536/2048 px (sd, tomesd, "
+        "todo, AgentSD's two phases, ceiling) and SDXL at 1024/2048 px (sd, todo, agent phase, ceiling); "
+        "1 warm-up + 2 timed calls (1 at 2048 px); every figure with how far it gets to the ceiling "
+        "(about 5 h on 2 CPU cores, an upper bound: the script prints its estimate first)",
+        {"methods": list(HIGHRES_METHODS), "warmup": 1, "repeats": 2, "memory": True},
+        _HIGHRES_RUNS,
+    ),
+    "hires": Suite(
+        f"the hires fix's second pass on the SD 1.5 architecture: image-to-image at 1024 px, strength "
+        f"{HIRES_STRENGTH:g}, from a {HIRES_UPSCALE}x-upscaled 512 px latent, 20 steps (10 run): sd, tomesd, "
+        "todo, agentsd (its recipe runs only its ToMe phase there), 1 warm-up + 1 timed call",
+        {"methods": ["sd", "tomesd", "todo", "agentsd"], "warmup": 1, "repeats": 1, "memory": False},
+        (Run("sd15", None, ("hires",), (1024,), steps=20),),
+    ),
     "gpu": Suite(
         "one GPU, fp16, batch 2, in about 7 min: one forward of the SD 1.5 architecture at 512/768/1024 px "
-        "and of SDXL at 1024 px, eager and (1024 px) regionally compiled: sd, tomesd, AgentSD's two phases, "
-        "ceiling, median of 15 after 3 warm-ups; a 20-step generation at 512/1024 px: sd, tomesd, AgentSD's "
-        "recipe, ceiling, median of 3; peak memory",
-        {"methods": list(GPU_METHODS), "dtype": "float16", "warmup": 3, "repeats": 15, "memory": True},
+        "and of SDXL at 1024 px, eager and (1024 px) regionally compiled: sd, tomesd, todo, AgentSD's two "
+        "phases, ceiling, median of 10 after 3 warm-ups; at 2048 px (SD 1.5), median of 5; a 20-step "
+        "generation at 512/1024 px: sd, tomesd, todo, AgentSD's recipe, ceiling, median of 3; peak memory",
+        {"methods": list(GPU_METHODS), "dtype": "float16", "warmup": 3, "repeats": 10, "memory": True},
         _GPU_RUNS,
+    ),
+    "gpu-compile": Suite(
+        "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), one forward of the "
+        "SD 1.5 architecture at 512/1024 px, each method alone on a fresh compile cache: sd, tomesd, todo, "
+        "AgentSD's two phases, ceiling, median of 10 after 3 warm-ups (CUDA graphs need the patched UNet "
+        "in one graph, as AgentSD's now is: tomesd's breaks split it); not part of the 8-minute gpu suite",
+        {
+            "methods": list(GPU_METHODS),
+            "dtype": "float16",
+            "warmup": 3,
+            "repeats": 10,
+            "memory": True,
+            "compiler_mode": "reduce-overhead",
+        },
+        (Run("sd15", None, ("unet",), (512, 1024), compile="full", skip=_FORWARD_SKIPS),),
     ),
     "gpu-smoke": Suite(
         "the gpu suite's plan on the tiny architectures at 64 px, 2 steps, 1 timed call, compiled with "
@@ -281,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=(*MODES, "both"),
         default="unet",
-        help="unet: one UNet forward; pipeline: a whole generation; both: one then the other",
+        help="unet: one UNet forward; pipeline: a whole generation; hires: the hires fix's second pass "
+        f"(image-to-image at {HIRES_STRENGTH:g} strength of a {HIRES_UPSCALE}x-upscaled latent, at --resolutions, "
+        "int(steps * strength) steps); both: unet then pipeline",
     )
     parser.add_argument(
         "--resolutions", type=_resolution, nargs="+", default=[512, 768, 1024], metavar="PX", help="image sizes"
@@ -323,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' checks tracing only)"
     )
     parser.add_argument(
+        "--compiler-mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default=None,
+        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs; default: torch's)",
+    )
+    parser.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -349,7 +430,7 @@ def _regional_unsupported() -> str | None:
 
 def _plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Run, ...]:
     if args.suite is None:
-        modes = MODES if args.mode == "both" else (args.mode,)
+        modes = ("unet", "pipeline") if args.mode == "both" else (args.mode,)
         arch = None if args.model else args.arch or "sd15"
         return (Run(arch, args.model, modes, tuple(dict.fromkeys(args.resolutions)), args.compile, args.steps),)
     given = [flag for flag, dest in _RUN_FLAGS if getattr(args, dest) != parser.get_default(dest)]
@@ -380,7 +461,7 @@ def _plan_methods(args: argparse.Namespace, runs: Sequence[Run], parser: argpars
     if not pipeline and (loops := [m.name for m in methods if m.needs_pipeline]):
         parser.error(
             f"argument --methods: {', '.join(loops)} run the pipeline's own loop and cannot time a bare UNet "
-            "forward: use --mode pipeline (or both)"
+            "forward or the hires pass: use --mode pipeline (or both)"
         )
     return methods
 
@@ -398,6 +479,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.options = options_from(args)
     if args.batch % 2:
         parser.error(f"argument --batch: must be even (the unconditional and prompted halves), got {args.batch}")
+    if any("hires" in run.modes and hires_steps(run.steps)[1] < 1 for run in runs):
+        parser.error(f"argument --steps: the hires pass runs int(steps * {HIRES_STRENGTH:g}) steps; give at least 2")
+    if any("hires" in run.modes and any(px % (64 * HIRES_UPSCALE) for px in run.resolutions) for run in runs):
+        parser.error(f"argument --resolutions: the hires pass needs multiples of {64 * HIRES_UPSCALE} px")
     compiled = {run.compile for run in runs} - {"none"}
     if compiled and args.warmup < 1:
         parser.error("argument --warmup: --compile needs at least 1, the first call of each method compiles")
@@ -421,15 +506,91 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 WorkloadCall = Callable[[Callable[..., Any], bool], Any]
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """How one UNet forward's time grows with the image, for the run's estimates.
+
+    A forward at ``resolution`` costs ``(1 - quadratic) p + quadratic p**2`` reference forwards,
+    ``p`` being its pixels over the reference's: convolutions and projections grow with the tokens,
+    attention with their square (the top level's self-attention above all).
+
+    Attributes:
+        pixels: Side of the reference forward (the architecture's first measured size).
+        quadratic: The share of the reference forward that grows with the tokens squared.
+        seconds: The reference forward (batch 2, float32) on this project's 2-core CPU, nothing else
+            running, with 2 threads; ``None`` where not measured (no a-priori estimate then).
+    """
+
+    pixels: int
+    quadratic: float
+    seconds: float | None = None
+
+    def units(self, resolution: int) -> float:
+        """Reference forwards in one forward at ``resolution``."""
+        pixels = (resolution / self.pixels) ** 2
+        return (1 - self.quadratic) * pixels + self.quadratic * pixels**2
+
+
+#: Threads of the reference forwards of :data:`COST_MODELS`.
+REFERENCE_THREADS = 2
+#: SD 1.5: fits its CPU forwards of 10.2, 28.4 and 68.4 s at 512, 768 and 1024 px (model: 1, 2.8, 6.4).
+#: SDXL: 79.9 s at 1024 px (BENCHMARKS.md C); attention is 11.6% of its FLOPs there (SD 1.5 at 512
+#: px: 16%, for 20% of the time), hence 0.15. Other UNets (tiny ones, SD 2.1, ``--model``) are
+#: costed with SD 1.5's shape and get no a-priori seconds: their first call sets the pace.
+COST_MODELS: dict[str, CostModel] = {"sd15": CostModel(512, 0.2, 10.2), "sdxl": CostModel(1024, 0.15, 79.9)}
+DEFAULT_COST = CostModel(512, 0.2)
+
+
+def run_cost_model(run: Run) -> CostModel:
+    return COST_MODELS.get(run.arch or "", DEFAULT_COST)
+
+
+def call_forwards(mode: str, steps: int, warmup: bool = False) -> int:
+    """UNet forwards of one call: one; a generation's steps (a warm-up's few); the hires pass's denoising steps."""
+    if mode == "unet":
+        return 1
+    if mode == "hires":
+        return hires_steps(steps, warmup)[1]
+    return min(steps, WARMUP_STEPS) if warmup else steps
+
+
+def extra_memory_call(args: argparse.Namespace, compile_mode: str) -> bool:
+    """Whether peak memory needs a call of its own: with no warm-up call to measure it in, or compiled
+    (a compiling warm-up's allocations are not the method's)."""
+    return args.memory and (compile_mode != "none" or args.warmup == 0)
+
+
+def planned_cost(run: Run, args: argparse.Namespace, variants: dict[str, int]) -> float:
+    """Reference forwards of a whole run, ``variants`` being how many are timed in each of its modes."""
+    model, extra = run_cost_model(run), int(extra_memory_call(args, run.compile))
+    return sum(
+        variants[mode]
+        * model.units(px)
+        * (args.warmup * call_forwards(mode, run.steps, True) + (args.repeats + extra) * call_forwards(mode, run.steps))
+        for mode in run.modes
+        for px in run.resolutions
+    )
+
+
+def a_priori_rate(run: Run, args: argparse.Namespace) -> float | None:
+    """Seconds per reference forward to expect here before any call: the reference's, scaled to the
+    batch and the threads; ``None`` without a reference (another device, dtype or model)."""
+    seconds = run_cost_model(run).seconds
+    if seconds is None or args.device.type != "cpu" or args.dtype != "float32":
+        return None
+    return seconds * (args.batch / 2) * REFERENCE_THREADS / torch.get_num_threads()
+
+
 @dataclass
 class Workload:
-    """A call to time: one UNet forward or one whole generation, with its inputs already built."""
+    """A call to time: one UNet forward, one whole generation or one hires pass, with its inputs already built."""
 
     mode: str
     resolution: int
     images: int
     steps: int
     call: WorkloadCall
+    cost_model: CostModel = DEFAULT_COST
 
     @property
     def unit(self) -> tuple[str, int]:
@@ -437,19 +598,8 @@ class Workload:
         return ("s/forward", 1) if self.mode == "unet" else ("s/image", self.images)
 
     def cost(self, warmup: bool = False) -> float:
-        """Relative cost of one call, for :class:`Estimate`: UNet forwards of this size."""
-        forwards = 1 if self.mode == "unet" else min(self.steps, WARMUP_STEPS) if warmup else self.steps
-        return forwards * forward_cost(self.resolution)
-
-
-def forward_cost(resolution: int) -> float:
-    """A UNet forward's cost relative to one at 512 px: ``0.8 p + 0.2 p**2``, p = pixels / 512**2.
-
-    Convolutions and projections grow with the pixels, attention with their square; the weights
-    fit SD 1.5 forwards on a CPU (10.2, 28.4 and 68.4 s at 512, 768 and 1024 px: model 1, 2.8, 6.4).
-    """
-    pixels = (resolution / 512) ** 2
-    return 0.8 * pixels + 0.2 * pixels**2
+        """Reference forwards of one call, for :class:`Estimate`."""
+        return call_forwards(self.mode, self.steps, warmup) * self.cost_model.units(self.resolution)
 
 
 def unet_conditioning(unet: torch.nn.Module, batch: int, resolution: int, generator: torch.Generator) -> dict:
@@ -471,7 +621,13 @@ def unet_conditioning(unet: torch.nn.Module, batch: int, resolution: int, genera
     return cond
 
 
-def unet_workload(unet: torch.nn.Module, args: argparse.Namespace, resolution: int, vae_factor: int) -> Workload:
+def unet_workload(
+    unet: torch.nn.Module,
+    args: argparse.Namespace,
+    resolution: int,
+    vae_factor: int,
+    cost_model: CostModel = DEFAULT_COST,
+) -> Workload:
     generator = torch.Generator().manual_seed(SEED)
     latent = resolution // vae_factor
     sample = torch.randn((args.batch, unet.config.in_channels, latent, latent), generator=generator)
@@ -485,10 +641,12 @@ def unet_workload(unet: torch.nn.Module, args: argparse.Namespace, resolution: i
         # pass it: tomesd's pre-hook reads it from args[0].
         return generate(sample, timestep, **cond)
 
-    return Workload("unet", resolution, args.batch // 2, 1, call)
+    return Workload("unet", resolution, args.batch // 2, 1, call, cost_model)
 
 
-def pipeline_workload(pipe: Any, args: argparse.Namespace, resolution: int, steps: int) -> Workload:
+def pipeline_workload(
+    pipe: Any, args: argparse.Namespace, resolution: int, steps: int, cost_model: CostModel
+) -> Workload:
     images = args.batch // 2
 
     def call(generate: Callable[..., Any], warmup: bool) -> Any:
@@ -503,7 +661,59 @@ def pipeline_workload(pipe: Any, args: argparse.Namespace, resolution: int, step
             generator=torch.Generator(pipe.device).manual_seed(SEED),
         )
 
-    return Workload("pipeline", resolution, images, steps, call)
+    return Workload("pipeline", resolution, images, steps, call, cost_model)
+
+
+def hires_steps(steps: int, warmup: bool = False) -> tuple[int, int]:
+    """(``num_inference_steps`` to ask for, denoising steps that run) of a hires pass of ``steps`` steps.
+
+    Image-to-image runs ``int(steps * strength)`` of the schedule's steps, its last ones; a warm-up
+    asks for just enough steps to run :data:`WARMUP_STEPS` of them.
+    """
+    run = int(steps * HIRES_STRENGTH)
+    if warmup and run > WARMUP_STEPS:
+        asked = math.ceil(WARMUP_STEPS / HIRES_STRENGTH)
+        return asked, int(asked * HIRES_STRENGTH)
+    return steps, run
+
+
+def hires_pipeline(pipe: Any) -> Any:
+    """The image-to-image pipeline around ``pipe``'s own modules (SD or SDXL), for the hires pass."""
+    from diffusers import AutoPipelineForImage2Image
+
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
+def hires_workload(pipe: Any, args: argparse.Namespace, resolution: int, steps: int, cost_model: CostModel) -> Workload:
+    """The hires fix's second pass at ``resolution``: image-to-image at :data:`HIRES_STRENGTH` from a
+    first pass's latent at 1 / :data:`HIRES_UPSCALE` of the size, upscaled in latent space (bilinear).
+
+    The first pass's latent is seeded noise of its shape: the time depends on shapes, not values,
+    and the first pass is an ordinary generation (``--mode pipeline`` at the smaller size). Image-to-
+    image pipelines take a 4-channel ``image`` as latents as they are, so no VAE runs.
+    """
+    images = args.batch // 2
+    side = resolution // pipe.vae_scale_factor // HIRES_UPSCALE
+    generator = torch.Generator().manual_seed(SEED)
+    first = torch.randn((images, pipe.unet.config.in_channels, side, side), generator=generator)
+    latent = torch.nn.functional.interpolate(first, scale_factor=HIRES_UPSCALE, mode="bilinear")
+    latent = latent.to(pipe.device, pipe.unet.dtype)
+
+    def call(generate: Callable[..., Any], warmup: bool) -> Any:
+        torch.manual_seed(SEED)
+        return generate(
+            prompt=[PROMPT] * images,
+            image=latent,
+            strength=HIRES_STRENGTH,
+            num_inference_steps=hires_steps(steps, warmup)[0],
+            guidance_scale=GUIDANCE_SCALE,
+            output_type="latent",
+            generator=torch.Generator(pipe.device).manual_seed(SEED),
+        )
+
+    return Workload("hires", resolution, images, steps, call, cost_model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,13 +774,18 @@ def twin(target: Any) -> Any:
     return copy.deepcopy(target, memo={id(tensor): tensor for tensor in weights})
 
 
-def compile_unet(target: Any, mode: str, backend: str, fullgraph: bool) -> None:
-    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code."""
+def compile_unet(target: Any, mode: str, backend: str, fullgraph: bool, compiler_mode: str | None = None) -> None:
+    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code.
+
+    ``compiler_mode`` is torch.compile's own ``mode`` (``reduce-overhead``: CUDA graphs), if any.
+    """
     unet = getattr(target, "unet", target)
+    options = {"fullgraph": fullgraph, "dynamic": False, "backend": backend}
+    options.update({"mode": compiler_mode} if compiler_mode else {})
     if mode == "regional":
-        unet.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, backend=backend)
+        unet.compile_repeated_blocks(**options)
     elif mode == "full":
-        unet.compile(fullgraph=fullgraph, dynamic=False, backend=backend)
+        unet.compile(**options)
 
 
 def _dynamo_count(group: str, key: str | None = None) -> int:
@@ -581,17 +796,20 @@ def _dynamo_count(group: str, key: str | None = None) -> int:
 
 
 class Estimate:
-    """How long a run takes, printed once, from its first timed call and a cost model.
+    """How long a run takes, adapted to its first call and printed once.
 
-    Each call's cost is :meth:`Workload.cost` (UNet forwards of its size, :func:`forward_cost`);
-    the first timed call gives the seconds per unit, and every later call is costed at that rate,
-    every method alike (so a method faster than the first one makes the figure an upper bound).
-    Compiled runs add, for each method still to compile, the mean compile time of those compiled
-    so far (their warm-up calls minus their cost).
+    Costs are reference forwards (:meth:`Workload.cost`). :func:`main` prints the a-priori figure
+    before any model is built (:func:`a_priori_rate`: the reference seconds of :data:`COST_MODELS`).
+    After the run's first call (a warm-up: eager, it costs what any call of its size costs),
+    :meth:`show` prints the figure adapted to it: every later call costed at that call's seconds per
+    unit, and the plan's later runs (``later``: their a-priori seconds) at the same pace relative to
+    the a-priori one. Every method is costed as the first, the baseline, so a faster method makes
+    both figures upper bounds. Compiled runs add, for each method still to compile, the mean
+    compile time of those compiled so far (their warm-up calls minus their cost).
     """
 
-    def __init__(self, label: str, total: float, blocks: int) -> None:
-        self.label, self.total, self.blocks = label, total, blocks
+    def __init__(self, label: str, total: float, blocks: int, rate: float | None = None, later: float = 0.0) -> None:
+        self.label, self.total, self.blocks, self.rate, self.later = label, total, blocks, rate, later
         self.done = 0.0
         self.shown = False
 
@@ -603,19 +821,63 @@ class Estimate:
         if self.shown:
             return
         self.shown = True
-        left = (self.total - self.done) * seconds / cost + (self.blocks - compiled) * compile_seconds
+        rate = seconds / cost
+        left = (self.total - self.done) * rate + (self.blocks - compiled) * compile_seconds
         compiling = f" + {compile_seconds:.0f} s compiling per method" if compile_seconds else ""
+        pace = ""
+        if self.rate is not None:
+            factor = rate / self.rate
+            pace = f"; {factor:.1f}x the a-priori time per forward"
+            pace += " (a slower or busier machine than the reference)" if factor > PACE_LIMIT else ""
+            pace += f"; the later runs about {_duration(self.later * factor)} at this pace" if self.later else ""
         print(
-            f"\nspeed: {self.label}: first call {seconds:.1f} s{compiling}; about {_duration(left)} to go "
-            "(later calls scaled by size and steps, every method costed as the first)",
+            f"\nspeed: {self.label}: first call {seconds:.1f} s{compiling}; adapted estimate: about "
+            f"{_duration(left)} to go{pace} (later calls scaled by size and steps, every method costed as "
+            "the first: an upper bound)",
             file=sys.stderr,
             flush=True,
         )
 
 
 def _duration(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, rest = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise: the machine's load and the spread of the repeats
+# --------------------------------------------------------------------------------------------------
+
+#: A first call this many times slower than the reference's says the machine is slower or busy.
+PACE_LIMIT = 1.25
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (runnable threads, this run's own included), or ``None`` where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy(load: float | None, cpus: int) -> bool:
+    """Whether more threads wanted a core than there are cores: some waited, timings stretched."""
+    return load is not None and load > cpus
+
+
+def warn_if_busy(when: str, cpus: int) -> None:
+    """Say so at once when the machine is busy (``when``: before which calls)."""
+    load = machine_load()
+    if busy(load, cpus):
+        print(
+            f"speed: WARNING: load average {load:.1f} on {cpus} CPUs {when}: other work is running; "
+            "the timings will be slower and noisier than on a quiet machine",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @dataclass
@@ -623,6 +885,7 @@ class Measurement:
     """Raw results of one variant on one workload."""
 
     seconds: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     compiles: int | None = None
     graph_breaks: int | None = None
@@ -651,12 +914,17 @@ def measure(
     Regionally compiled variants share one ``torch._dynamo`` cache, reset first: each compiled
     frame is a whole transformer block, guarded on its class, hooks and processors. Whole-model
     compilation cannot share it: its frames are the UNet's own methods, which every twin runs, and
-    the entries a variant with graph breaks leaves there (tomesd, or AgentSD's one break per call)
+    the entries a variant with graph breaks leaves there (tomesd's)
     also pass the guards of another twin's calls, which then run split graphs and recompile. So
     each variant runs alone there, on a freshly reset cache, and drift between them is not evened out.
+
+    Peak memory is measured in the last warm-up call of an eager variant (its time only feeds the
+    estimate), else in one extra untimed call (:func:`extra_memory_call`). After every timed call
+    the machine's load average is recorded, and a busy machine is reported before the timed calls.
     """
     results = {variant: Measurement() for variant in plan}
     compiled = compile_mode != "none"
+    memory_in_warmup = args.memory and not extra_memory_call(args, compile_mode)
     warmups: list[float] = []  # seconds of every variant's warm-up calls, compiling included
 
     def call(variant: Variant, generate: Callable[..., Any], what: str, warmup: bool = False) -> float:
@@ -669,6 +937,8 @@ def measure(
             warmups.append(seconds)
             if not compiled:
                 estimate.show(workload.cost(warmup=True), seconds)
+        elif (load := machine_load()) is not None:
+            results[variant].loads.append(load)
         return seconds
 
     def prepare(variant: Variant, ready: ExitStack) -> Callable[..., Any]:
@@ -677,7 +947,7 @@ def measure(
         for fullgraph in (True, False) if compile_mode == "regional" else (False,):
             model = twin(target)
             if compiled:
-                compile_unet(model, compile_mode, args.compile_backend, fullgraph)
+                compile_unet(model, compile_mode, args.compile_backend, fullgraph, args.compiler_mode)
             breaks = _dynamo_count("graph_break")
             try:
                 with ExitStack() as attempt:
@@ -685,8 +955,12 @@ def measure(
                         variant.method.applied(model, ratio=variant.ratio, seed=SEED, options=args.options)
                     )
                     what = "warm-up + compile" if compiled else "warm-up"
-                    for _ in range(args.warmup):
-                        call(variant, generate, what, warmup=True)
+                    for index in range(args.warmup):
+                        if memory_in_warmup and index == args.warmup - 1:
+                            warm_up = functools.partial(call, variant, generate, f"{what} + memory", warmup=True)
+                            result.peak_bytes = peak_memory(warm_up, args.device)
+                        else:
+                            call(variant, generate, what, warmup=True)
                     ready.enter_context(attempt.pop_all())
             except torch._dynamo.exc.Unsupported as error:
                 if not fullgraph:
@@ -709,6 +983,7 @@ def measure(
             prepared += len(group)
             for variant in group if compiled else ():
                 results[variant].compiles = 0
+            warn_if_busy(f"before timing {workload.mode} at {workload.resolution} px", CPUS)
             for repeat in range(args.repeats):
                 for variant in group if repeat % 2 == 0 else group[::-1]:
                     frames = _dynamo_count("frames", "total")
@@ -722,7 +997,7 @@ def measure(
                         estimate.show(workload.cost(), seconds, compiling, compiled=prepared)
                     else:
                         estimate.show(workload.cost(), seconds)
-            if args.memory:
+            if extra_memory_call(args, compile_mode):
                 for variant in group:
                     progress.set_postfix_str(f"{workload.mode} {workload.resolution}px {variant.name} memory")
                     call_once = functools.partial(workload.call, generates[variant], False)
@@ -741,11 +1016,17 @@ def rows_for(run: Run, workload: Workload, results: dict[Variant, Measurement], 
     unit, per = workload.unit
     base = next(result for variant, result in results.items() if variant.method.name == baseline_name)
     baseline = statistics.median(base.seconds) / per
+    # The ceiling (self-attention of the patched blocks for free), where it was timed: how far each
+    # method gets from the baseline towards it.
+    top = next((statistics.median(r.seconds) / per for v, r in results.items() if v.method.name == "ceiling"), None)
     rows = []
     for variant, result in results.items():
         seconds = [s / per for s in result.seconds]
         median = statistics.median(seconds)
         peak = None if result.peak_bytes is None else result.peak_bytes / workload.images / MIB
+        note = result.note
+        if workload.mode == "hires" and "agentsd" in variant.method.name.split("+"):
+            note = HIRES_RECIPE_NOTE
         rows.append(
             Row(
                 source=run.source,
@@ -753,7 +1034,7 @@ def rows_for(run: Run, workload: Workload, results: dict[Variant, Measurement], 
                 mode=workload.mode,
                 unit=unit,
                 resolution=workload.resolution,
-                steps=workload.steps if workload.mode == "pipeline" else None,
+                steps=None if workload.mode == "unet" else workload.steps,
                 method=variant.name,
                 ratio=variant.ratio,
                 baseline=baseline_name,
@@ -761,11 +1042,14 @@ def rows_for(run: Run, workload: Workload, results: dict[Variant, Measurement], 
                 min_s=min(seconds),
                 max_s=max(seconds),
                 speedup=baseline / median,
+                ceiling_speedup=None if top is None else baseline / top,
+                of_the_way=None if top is None or top >= baseline else (baseline - median) / (baseline - top),
+                load=max(result.loads, default=None),
                 peak_mib_per_image=peak,
                 memory_vs_baseline=None if peak is None or not base.peak_bytes else result.peak_bytes / base.peak_bytes,
                 compiles=result.compiles,
                 graph_breaks=result.graph_breaks,
-                note=result.note,
+                note=note,
                 seconds=seconds,
             )
         )
@@ -782,7 +1066,7 @@ def load(run: Run, args: argparse.Namespace) -> tuple[Any, torch.nn.Module, int]
     dtype = DTYPES[args.dtype]
     if run.model is None:
         arch: Arch = ARCHS[run.arch]
-        if "pipeline" not in run.modes:
+        if run.modes == ("unet",):
             return None, arch.build_unet(args.device, dtype, seed=SEED), 8
         pipe = arch.build_pipeline(args.device, dtype, seed=SEED)
         return pipe, pipe.unet, pipe.vae_scale_factor
@@ -822,36 +1106,60 @@ def runnable(plan: Sequence[Variant], target: Any, run: Run, args: argparse.Name
 
 
 def measure_run(
-    run: Run, args: argparse.Namespace, plan: Sequence[Variant], report: Callable[[list[Row]], None]
+    run: Run,
+    args: argparse.Namespace,
+    plan: Sequence[Variant],
+    report: Callable[[list[Row]], None],
+    later: float = 0.0,
 ) -> list[Row]:
-    """Every mode and resolution of one run; ``report`` gets the rows after each workload."""
+    """Every mode and resolution of one run; ``report`` gets the rows after each workload.
+
+    ``later``: the a-priori seconds of the plan's later runs, for the adapted estimate (:class:`Estimate`).
+    """
     pipe, unet, vae_factor = load(run, args)
     if run.compile != "none":
         # Each compiled method keeps its own cache entries per shape and phase: leave room for them.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    plans = {
-        mode: runnable([v for v in plan if mode == "pipeline" or not v.method.needs_pipeline], target, run, args)
-        for mode, target in ((mode, unet if mode == "unet" else pipe) for mode in run.modes)
+    targets = {"unet": unet, "pipeline": pipe, "hires": hires_pipeline(pipe) if "hires" in run.modes else None}
+    plans = {mode: runnable(timed_in(mode, plan), targets[mode], run, args) for mode in run.modes}
+    model = run_cost_model(run)
+    builders = {
+        "unet": lambda px: unet_workload(unet, args, px, vae_factor, model),
+        "pipeline": lambda px: pipeline_workload(pipe, args, px, run.steps, model),
+        "hires": lambda px: hires_workload(targets["hires"], args, px, run.steps, model),
     }
-    calls = args.warmup + args.repeats + int(args.memory)
-    workloads = [
-        unet_workload(unet, args, px, vae_factor) if mode == "unet" else pipeline_workload(pipe, args, px, run.steps)
-        for mode in run.modes
-        for px in run.resolutions
-    ]
-    total = sum(len(plans[w.mode]) * (args.warmup * w.cost(True) + (calls - args.warmup) * w.cost()) for w in workloads)
+    workloads = [builders[mode](px) for mode in run.modes for px in run.resolutions]
+    total = planned_cost(run, args, {mode: len(variants) for mode, variants in plans.items()})
     blocks = 0 if run.compile == "none" else sum(len(plans[w.mode]) for w in workloads)
-    estimate = Estimate(f"{run.source}, compile {run.compile}", total, blocks)
+    estimate = Estimate(f"{run.source}, compile {run.compile}", total, blocks, a_priori_rate(run, args), later)
+    calls = args.warmup + args.repeats + int(extra_memory_call(args, run.compile))
     rows: list[Row] = []
     progress = tqdm(total=sum(len(plans[w.mode]) for w in workloads) * calls, unit="call", file=sys.stderr)
     with torch.inference_mode(), progress:
         for workload in workloads:
-            target = unet if workload.mode == "unet" else pipe
-            results = measure(workload, target, plans[workload.mode], args, run.compile, progress, estimate)
-            rows += rows_for(run, workload, results, args.baseline)
+            target, variants = targets[workload.mode], plans[workload.mode]
+            results = measure(workload, target, variants, args, run.compile, progress, estimate)
+            new = rows_for(run, workload, results, args.baseline)
+            for warning in noise_warnings(new, CPUS):
+                progress.write(f"speed: WARNING: {warning}", file=sys.stderr)
+            rows += new
             # After every workload: an interrupted hours-long CPU run keeps what it measured.
             report(rows)
     return rows
+
+
+def timed_in(mode: str, plan: Sequence[Variant]) -> list[Variant]:
+    """The variants that ``mode`` can time: those with their own denoising loop only in whole generations."""
+    return [variant for variant in plan if mode == "pipeline" or not variant.method.needs_pipeline]
+
+
+def a_priori_seconds(run: Run, args: argparse.Namespace, plan: Sequence[Variant]) -> float | None:
+    """The whole run's seconds expected before it starts (every method costed as the baseline), or
+    ``None`` without a reference (:func:`a_priori_rate`)."""
+    rate = a_priori_rate(run, args)
+    if rate is None:
+        return None
+    return rate * planned_cost(run, args, {mode: len(timed_in(mode, plan)) for mode in run.modes})
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
@@ -859,21 +1167,41 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     plan = method_variants(args.method_list, args.ratios)
-    calls = f"{args.warmup} warm-up + {args.repeats} timed calls" + (" + 1 memory call" if args.memory else "")
+    memory = " + peak memory (in the last warm-up; compiled or without one, in an extra call)" if args.memory else ""
     print(
         f"speed: {args.suite or 'custom'} plan on {args.device} {args.dtype}, batch {args.batch}, "
-        f"{', '.join(v.name for v in plan)}; {calls} each -> {args.out}/speed.{{json,csv,png}}",
+        f"{', '.join(v.name for v in plan)}; {args.warmup} warm-up + {args.repeats} timed calls each{memory} "
+        f"-> {args.out}/speed.{{json,csv,png}}",
         flush=True,
     )
+    # Each run with its own calls (a suite's run may time fewer) and methods, and its a-priori seconds.
+    runs = []
     for run in args.runs:
-        details = [f"{run.steps} steps"] if "pipeline" in run.modes else []
+        calls = {key: value for key in ("warmup", "repeats") if (value := getattr(run, key)) is not None}
+        run_args = argparse.Namespace(**{**vars(args), **calls})
+        run_plan = [v for v in plan if v.method.name not in run.skip]
+        runs.append((run, run_args, run_plan, a_priori_seconds(run, run_args, run_plan)))
+    for run, *_, seconds in runs:
+        details = [f"{run.steps} steps"] if run.modes != ("unet",) else []
         details += [f"{key} {value}" for key in ("warmup", "repeats") if (value := getattr(run, key)) is not None]
         details += [f"without {' '.join(run.skip)}"] if run.skip else []
+        details += ["no a-priori estimate" if seconds is None else f"about {_duration(seconds)} a priori"]
         print(
             f"  {run.source}: {'+'.join(run.modes)}, {' '.join(map(str, run.resolutions))} px, compile {run.compile}"
             + "".join(f", {detail}" for detail in details),
             flush=True,
         )
+    known = [seconds for *_, seconds in runs if seconds is not None]
+    if known:
+        print(
+            f"speed: estimate a priori: about {_duration(sum(known))}"
+            + ("" if len(known) == len(runs) else " for the runs with a reference")
+            + f" on a quiet {REFERENCE_THREADS}-core CPU like the reference's (scaled to {torch.get_num_threads()} "
+            "threads), every method costed as the baseline (an upper bound); each run re-estimates after its "
+            "first call",
+            flush=True,
+        )
+    warn_if_busy("before the first run", CPUS)
     meta = {
         "args": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
         **machine_info(args.device, sys.argv[1:] if argv is None else argv),
@@ -883,18 +1211,18 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     title = f"{args.device.type} {args.dtype}, batch {args.batch}"
 
     rows: list[Row] = []
-    for run in args.runs:
+    for index, (run, run_args, run_plan, _) in enumerate(runs):
         done = list(rows)
-        calls = {key: value for key in ("warmup", "repeats") if (value := getattr(run, key)) is not None}
-        run_args = argparse.Namespace(**{**vars(args), **calls})
-        run_plan = [v for v in plan if v.method.name not in run.skip]
+        later = sum(seconds or 0.0 for *_, seconds in runs[index + 1 :])
         report = functools.partial(lambda new, done: write_outputs(args.out, meta, done + new, title), done=done)
-        rows += measure_run(run, run_args, run_plan, report)
+        rows += measure_run(run, run_args, run_plan, report, later)
         gc.collect()  # free this run's model before the next one is built
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
 
     print(format_table(rows))
+    for warning in noise_warnings(rows, CPUS):
+        print(f"WARNING: {warning}")
     print(f"peak memory: {meta['memory_source']}; written {args.out}/speed.json, speed.csv, speedup.png")
     return rows
 

@@ -28,7 +28,13 @@ MEMORY_SOURCES = {"cuda": "torch.cuda allocator statistics", "cpu": "torch.profi
 
 @dataclass
 class Row:
-    """One line of the results: a variant on one workload, with ratios to the baseline (``--baseline``)."""
+    """One line of the results: a variant on one workload, with ratios to the baseline (``--baseline``).
+
+    ``ceiling_speedup`` is the ceiling's speed-up on the same workload, where it was timed, and
+    ``of_the_way`` how far this variant gets from the baseline towards it:
+    ``(t_baseline - t) / (t_baseline - t_ceiling)``. ``load`` is the highest 1-minute load average
+    read after this variant's timed calls (``None`` where the OS has none).
+    """
 
     source: str
     compile: str
@@ -43,6 +49,9 @@ class Row:
     min_s: float
     max_s: float
     speedup: float
+    ceiling_speedup: float | None
+    of_the_way: float | None
+    load: float | None
     peak_mib_per_image: float | None
     memory_vs_baseline: float | None
     compiles: int | None
@@ -55,9 +64,19 @@ def _group(row: Row) -> tuple[str, str, str]:
     return row.source, row.compile, row.mode
 
 
+#: What each mode times, in table titles.
+MODE_TITLES = {
+    "unet": "one UNet forward",
+    "pipeline": "whole generation",
+    "hires": "hires pass (image-to-image from an upscaled latent)",
+}
+#: Timed calls whose max and min differ by more than this share of their median are too noisy to rank by.
+SPREAD_LIMIT = 0.10
+
+
 def _group_title(group: tuple[str, str, str]) -> str:
     source, compile_mode, mode = group
-    what = "one UNet forward" if mode == "unet" else "whole generation"
+    what = MODE_TITLES[mode]
     return f"{source}, {what}, " + ("eager" if compile_mode == "none" else f"compile {compile_mode}")
 
 
@@ -67,7 +86,10 @@ def format_table(rows: Sequence[Row]) -> str:
     for group, members in itertools.groupby(rows, key=_group):
         members = list(members)
         compiled = group[1] != "none"
-        header = ("px", "method", "median", "min-max", f"vs {members[0].baseline}", "peak MiB/img", "mem ratio")
+        ceiling = any(row.ceiling_speedup is not None for row in members)
+        header = ("px", "method", "median", "min-max", f"vs {members[0].baseline}")
+        header += ("of the way to the ceiling",) if ceiling else ()
+        header += ("peak MiB/img", "mem ratio")
         header += ("compiles", "breaks") if compiled else ()
         lines = [header]
         for row in members:
@@ -78,6 +100,9 @@ def format_table(rows: Sequence[Row]) -> str:
                     f"{row.median_s:.3f} {row.unit}",
                     f"{row.min_s:.3f}-{row.max_s:.3f}",
                     f"{row.speedup:.2f}x",
+                )
+                + ((_of_the_way(row),) if ceiling else ())
+                + (
                     "n/a" if row.peak_mib_per_image is None else f"{row.peak_mib_per_image:.1f}",
                     "n/a" if row.memory_vs_baseline is None else f"{row.memory_vs_baseline:.2f}x",
                 )
@@ -91,6 +116,41 @@ def format_table(rows: Sequence[Row]) -> str:
             text.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
         text += [f"  note: {row.method} at {row.resolution} px: {row.note}" for row in members if row.note]
     return "\n".join(text[1:])
+
+
+def _of_the_way(row: Row) -> str:
+    if row.ceiling_speedup is None:
+        return "n/a"
+    if row.of_the_way is None:  # the ceiling was no faster than the baseline
+        return f"n/a (ceiling {row.ceiling_speedup:.2f}x)"
+    return f"{row.of_the_way:.0%} of {row.ceiling_speedup:.2f}x"
+
+
+def noise_warnings(rows: Sequence[Row], cpus: int) -> list[str]:
+    """Why some figures are not to be trusted: a busy machine while they were timed (a load average
+    above the CPU count: threads waited for a core), or repeats that disagree (spread over
+    :data:`SPREAD_LIMIT` of the median). Empty when neither happened."""
+    warnings = []
+    groups = list(dict.fromkeys(_group_title(_group(row)) for row in rows))
+    busy = [row for row in rows if row.load is not None and row.load > cpus]
+    if busy:
+        tables = list(dict.fromkeys(_group_title(_group(row)) for row in busy))
+        warnings.append(
+            f"load average up to {max(row.load for row in busy):.1f} on {cpus} CPUs while timing "
+            f"{'every table' if tables == groups else '; '.join(tables)} (this run's own threads included): "
+            "other work competed for the cores"
+        )
+    for group, members in itertools.groupby(rows, key=_group):
+        members = list(members)
+        where = _group_title(group)
+        spreads = [(row, (row.max_s - row.min_s) / row.median_s) for row in members if len(row.seconds) > 1]
+        noisy = [f"{row.method} at {row.resolution} px {share:.0%}" for row, share in spreads if share > SPREAD_LIMIT]
+        if noisy:
+            warnings.append(
+                f"{where}: timed calls spread over {SPREAD_LIMIT:.0%} of their median ((max - min) / median: "
+                f"{', '.join(noisy)}); rerun on a quiet machine before comparing"
+            )
+    return warnings
 
 
 def _version(package: str) -> str | None:

@@ -107,6 +107,28 @@ def example_parser(doc: str, *, model: str, prompt: str | None) -> argparse.Argu
     return parser
 
 
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], how far the image is noised; got {text}")
+    return value
+
+
+def add_strength_arg(parser: argparse.ArgumentParser, default: float) -> None:
+    """Add ``--strength``, how far image-to-image noises its input (parse with :func:`parse_with_strength`)."""
+    parser.add_argument(
+        "--strength", type=_strength, default=default, help=f"how far the image is noised (default: {default})"
+    )
+
+
+def parse_with_strength(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, refusing a ``--steps`` and ``--strength`` that run no step: diffusers runs ``int(steps * strength)``."""
+    args = parser.parse_args(argv)
+    if int(args.steps * args.strength) < 1:
+        parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")
+    return args
+
+
 def _image_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
@@ -291,7 +313,7 @@ def model_kind(pipeline_class: str) -> str:
 #: The examples that take each kind of model, for the advice when a model of another kind is given.
 _EXAMPLES_FOR = {
     "SDXL": "examples/sdxl.py or examples/compare_grid.py",
-    "SD 1.x/2.x": "examples/img2img.py, examples/controlnet.py or examples/compare_grid.py",
+    "SD 1.x/2.x": "examples/img2img.py, examples/hires_fix.py, examples/controlnet.py or examples/compare_grid.py",
 }
 
 

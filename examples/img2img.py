@@ -12,7 +12,17 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import add_image_arg, example_parser, image_size, load_pretrained, output_path, resolve_target, run_cli
+from common import (
+    add_image_arg,
+    add_strength_arg,
+    example_parser,
+    image_size,
+    load_pretrained,
+    output_path,
+    parse_with_strength,
+    resolve_target,
+    run_cli,
+)
 from comparison import compare, save_comparison
 from diffusers import StableDiffusionImg2ImgPipeline
 from images import input_image
@@ -21,27 +31,16 @@ MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PROMPT = "a watercolor painting of a house in the hills, soft light"
 
 
-def _strength(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], how far the image is noised; got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags, with the input resized to the model's native size unless --width/--height say otherwise."""
     parser = example_parser(__doc__, model=MODEL, prompt=PROMPT)
     add_image_arg(parser, "input image")
-    parser.add_argument("--strength", type=_strength, default=0.75, help="how far the image is noised (default: 0.75)")
+    add_strength_arg(parser, default=0.75)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if int(args.steps * args.strength) < 1:  # diffusers runs int(steps * strength) steps
-        parser.error(f"--steps {args.steps} at --strength {args.strength} runs no denoising step; raise either")
-    return args
+    return parse_with_strength(build_parser(), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 import methods as m  # noqa: E402
-from tiny import tiny_pipeline, tiny_unet  # noqa: E402
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from tiny import TEXT_DIM, tiny_pipeline, tiny_unet  # noqa: E402
 
 STEPS = 5
 #: DeepCache caches on 2 of every 3 steps, T-GATE gates within the 5 steps.
@@ -72,19 +75,33 @@ def sd(tmp_path_factory):
 
 def test_the_registry_holds_every_method_of_the_issue():
     assert list(m.METHODS)[:5] == ["sd", "tomesd", "agentsd", "agent-phase", "tome-phase"]
-    for name in ("ca-tome", "deepcache", "tgate", "agentsd+deepcache", "tomesd+deepcache", "ceiling"):
+    for name in (
+        "ca-tome",
+        "deepcache",
+        "tgate",
+        "agentsd+deepcache",
+        "tomesd+deepcache",
+        "ceiling",
+        "todo",
+        "hidiffusion",
+    ):
         assert name in m.METHODS
     assert [name for name, method in m.METHODS.items() if method.timing_only] == ["ceiling"]
     assert {name for name, method in m.METHODS.items() if method.needs_pipeline} == {
         "ca-tome",
         "deepcache",
+        "hidiffusion",
         "tgate",
         "agentsd+deepcache",
         "tomesd+deepcache",
     }
 
 
-@pytest.mark.parametrize("name", available(*m.METHODS))
+#: HiDiffusion recognises only the module layouts of SD 1.5/2.1/XL, not the tiny UNet: tested on its own below.
+TINY_SD = [name for name in m.METHODS if name != "hidiffusion"]
+
+
+@pytest.mark.parametrize("name", available(*TINY_SD))
 def test_each_method_applies_reproduces_and_removes_cleanly(sd, name):
     pipe, base = sd
     method = m.METHODS[name]
@@ -136,7 +153,7 @@ def test_peers_refuse_pipelines_their_loops_do_not_cover_before_changing_anythin
     assert instance_state(pipe) == state
 
 
-@pytest.mark.parametrize("name", available("tomesd", "agentsd", "ceiling"))
+@pytest.mark.parametrize("name", available("tomesd", "agentsd", "ceiling", "todo"))
 def test_unet_only_methods_patch_a_bare_unet_at_the_top_attention_level(name):
     """SDXL has no attention at full latent resolution: each must patch the level below (max_downsample 2)."""
     unet = tiny_unet("sdxl")
@@ -171,7 +188,7 @@ def test_the_ceiling_skips_self_attention_exactly_in_agentsds_blocks(sd):
     assert all(processors[name].processor is processor for name, processor in before.items())
 
 
-@pytest.mark.parametrize("name", available("deepcache", "agentsd+deepcache", "tgate", "ca-tome"))
+@pytest.mark.parametrize("name", available("deepcache", "agentsd+deepcache", "tgate", "ca-tome", "hidiffusion"))
 def test_pipeline_methods_refuse_a_bare_unet(name):
     with pytest.raises(TypeError, match="needs a pipeline"):
         with m.METHODS[name].applied(tiny_unet("sd1"), ratio=ratio_of(m.METHODS[name])):
@@ -222,9 +239,10 @@ def parser(timing: bool = True) -> argparse.ArgumentParser:
 
 
 def test_help_lists_every_method_and_knob_with_defaults():
-    text = " ".join(parser().format_help().split())
+    # argparse wraps lines at hyphens too ("cross- attention"): join those back.
+    text = " ".join(parser().format_help().split()).replace("- ", "-")
     for name, method in m.METHODS.items():
-        assert f"{name}: {' '.join(method.summary.split())}" in text
+        assert f"{name}: {' '.join(method.summary.split())}".replace("- ", "-") in text
     for f in dataclasses.fields(m.MethodOptions):
         assert "--" + f.name.replace("_", "-") in text
     assert "(default: sd agentsd)" in text and "(default: 3)" in text and "(default: CONFIG_3)" in text
@@ -277,3 +295,71 @@ def test_ca_tome_cache_names_are_the_packages_own():
     from ca_tome import CacheConf
 
     assert {name for name in vars(CacheConf) if not name.startswith("_")} == set(m.CA_TOME_CACHES)
+
+
+@pytest.mark.skipif("hidiffusion" in AVAILABLE, reason="hidiffusion runs here")
+def test_hidiffusion_stays_listed_and_is_refused_with_the_reason_where_it_cannot_run():
+    """hidiffusion 0.1.10 imports diffusers.pipelines.controlnet.multicontrolnet, which diffusers 0.41 removed."""
+    reason = m.METHODS["hidiffusion"].unavailable()
+    assert "pip install hidiffusion" in reason or "fails to import with diffusers" in reason
+    assert "hidiffusion: HiDiffusion" in " ".join(parser().format_help().split())
+    with pytest.raises(ValueError, match="--methods: method 'hidiffusion' cannot run here: "):
+        m.resolve_methods(["sd", "hidiffusion"])
+
+
+@pytest.fixture
+def hidiffusion_importable(monkeypatch):
+    """hidiffusion, importable for this test: on diffusers >= 0.41 the module it imports, gone from the
+    path it uses (deprecated there since 0.31), is aliased from where diffusers keeps it now.
+
+    Tests the registry's apply and remove against the real package on this diffusers; afterwards
+    the alias and the modules imported through it are gone and availability is checked afresh.
+    """
+    if find_spec("hidiffusion") is None:
+        pytest.skip("hidiffusion is not installed: pip install hidiffusion")
+    old, new = "diffusers.pipelines.controlnet.multicontrolnet", "diffusers.models.controlnets.multicontrolnet"
+    if find_spec(old) is None:
+        monkeypatch.setitem(sys.modules, old, importlib.import_module(new))
+    m._import_problem.cache_clear()
+    assert m.METHODS["hidiffusion"].unavailable() is None
+    yield
+    for name in [name for name in sys.modules if name.split(".")[0] == "hidiffusion"]:
+        del sys.modules[name]
+    m._import_problem.cache_clear()
+
+
+def sd15_layout_pipeline(folder) -> StableDiffusionPipeline:
+    """A tiny pipeline whose UNet has SD 1.5's module names (hidiffusion recognises its models by them)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=2,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    components = {**tiny_pipeline("sd", folder).components, "unet": unet}
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_hidiffusion_applies_and_removes_exactly(tmp_path, hidiffusion_importable):
+    method = m.METHODS["hidiffusion"]
+    other = tiny_pipeline("sd", tmp_path / "other")
+    other.register_to_config(_name_or_path="tiny-sd")
+    state, upsamplers = instance_state(other), other.unet.num_upsamplers
+    with pytest.raises(TypeError, match="hidiffusion: tiny-sd is not a supported model"):
+        run(method, other)
+    assert instance_state(other) == state and other.unet.num_upsamplers == upsamplers
+    pipe = sd15_layout_pipeline(tmp_path)
+    state = instance_state(pipe)
+    with pytest.raises(TypeError, match="pipe.name_or_path, which is None"):
+        run(method, pipe)
+    assert instance_state(pipe) == state
+    pipe.register_to_config(_name_or_path="tiny-sd15-layout")
+    base, state, upsamplers = generate(pipe), instance_state(pipe), pipe.unet.num_upsamplers
+    assert not torch.equal(run(method, pipe), base)
+    assert instance_state(pipe) == state and pipe.unet.num_upsamplers == upsamplers
+    assert torch.equal(generate(pipe), base)

@@ -69,21 +69,38 @@ def test_script_every_method_both_modes_estimate_and_clean_output(tmp_path):
         [sys.executable, "eval/speed.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    names = [v.name for v in variants(list(METHODS.values()), [0.4]) if v.method.name != "ca-tome"]
-    in_unet = [v.name for v in variants(list(METHODS.values()), [0.4]) if not v.method.needs_pipeline]
+    # CA-ToMe refuses the SDXL pipeline; HiDiffusion a pipeline without name_or_path (where it imports at all).
+    here = [method for method in METHODS.values() if method.unavailable() is None]
+    names = [v.name for v in variants(here, [0.4]) if v.method.name not in ("ca-tome", "hidiffusion")]
+    in_unet = [v.name for v in variants(here, [0.4]) if not v.method.needs_pipeline]
     expected = {("pipeline", 64, name) for name in names} | {("unet", 64, name) for name in in_unet}
     results = check_outputs(out, expected)
     assert all(row["peak_mib_per_image"] > 0 for row in results)
-    assert "leaves out ca-tome on tiny-xl (random weights)" in done.stderr
+    # Installed, CA-ToMe is tried on the pipeline and refused there; missing, it is left out before any model.
+    missing = METHODS["ca-tome"].unavailable()
+    left_out = f"leaves out ca-tome: {missing}" if missing else "leaves out ca-tome on tiny-xl (random weights)"
+    assert left_out in done.stderr
     assert "USDT" not in done.stdout + done.stderr
-    assert "to go" in done.stderr
+    assert "no a-priori estimate" in done.stdout  # tiny models have no reference forward
+    assert "adapted estimate: about" in done.stderr
     assert done.stderr.index("to go") < done.stderr.index("repeat 1/1")
     assert "whole generation" in done.stdout and "agentsd+deepcache-r0.4" in done.stdout
 
 
-def test_a_method_named_that_cannot_run_on_the_pipeline_stops_before_timing(speed, tmp_path):
-    with pytest.raises(SystemExit, match="argument --methods: ca-tome on tiny-xl.*StableDiffusionPipeline"):
-        speed.main(["--arch", "tiny-xl", "--mode", "pipeline", "--methods", "sd", "ca-tome", "--out", str(tmp_path)])
+def test_a_method_named_that_cannot_run_on_the_pipeline_stops_before_timing(speed, tmp_path, capsys):
+    """CA-ToMe named on an SDXL pipeline stops the run before any timed call: installed, when it is
+    tried on the pipeline (SD pipelines only); not installed, at the flags, saying how to install it."""
+    from methods import METHODS
+
+    argv = ["--arch", "tiny-xl", "--mode", "pipeline", "--methods", "sd", "ca-tome", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(argv)
+    if METHODS["ca-tome"].unavailable():
+        assert exit_info.value.code == 2
+        assert "argument --methods: method 'ca-tome' cannot run here: " in capsys.readouterr().err
+    else:
+        assert "argument --methods: ca-tome on tiny-xl" in str(exit_info.value)
+        assert "StableDiffusionPipeline" in str(exit_info.value)
     assert not list(tmp_path.iterdir())
 
 
@@ -137,12 +154,84 @@ def test_twin_of_a_pipeline_shares_every_weight(speed):
 
 
 def test_estimate_scales_the_first_call_by_the_cost_model(speed, capsys):
-    assert speed.forward_cost(512) == 1.0
-    assert speed.forward_cost(1024) == pytest.approx(0.8 * 4 + 0.2 * 16)
+    sd15 = speed.COST_MODELS["sd15"]
+    assert sd15.units(512) == 1.0
+    assert sd15.units(1024) == pytest.approx(0.8 * 4 + 0.2 * 16)
+    assert sd15.units(2048) == pytest.approx(0.8 * 16 + 0.2 * 256)  # 64 forwards at 512 px: about 11 min here
     estimate = speed.Estimate("test", total=10.0, blocks=3)
     estimate.add(1.0)
     estimate.show(1.0, 2.0, compile_seconds=5.0, compiled=1)  # 9 units left at 2 s, two more methods to compile
     assert "about 28 s to go" in capsys.readouterr().err
+
+
+def test_adapted_estimate_compares_the_first_call_with_the_a_priori_pace(speed, capsys):
+    estimate = speed.Estimate("test", total=10.0, blocks=0, rate=1.0, later=100.0)
+    estimate.add(1.0)
+    estimate.show(1.0, 2.0)  # 9 units left at 2 s: twice the a-priori 1 s per unit
+    err = capsys.readouterr().err
+    assert "adapted estimate: about 18 s to go; 2.0x the a-priori time per forward (a slower or busier" in err
+    assert "the later runs about 3 min 20 s at this pace" in err
+    assert speed._duration(5 * 3600 + 59) == "5 h 00 min"
+
+
+def _row(speed, method: str, seconds: list[float], load: float | None = None):
+    """A result row as rows_for makes it, from the timed seconds of one method on one workload."""
+    from methods import METHODS, Variant
+
+    result = speed.Measurement(seconds=seconds, loads=[] if load is None else [load])
+    return Variant(METHODS[method]), result
+
+
+def test_rows_say_how_far_each_method_gets_towards_the_ceiling(speed):
+    workload = speed.Workload("unet", 2048, 1, 1, lambda generate, warmup: None)
+    run = speed.Run("sd15", None, ("unet",), (2048,))
+    results = dict(_row(speed, name, [s]) for name, s in (("sd", 10.0), ("agent-phase", 4.0), ("ceiling", 2.0)))
+    rows = {row.method: row for row in speed.rows_for(run, workload, results, "sd")}
+    assert {name: row.ceiling_speedup for name, row in rows.items()} == {"sd": 5.0, "agent-phase": 5.0, "ceiling": 5.0}
+    assert [rows[name].of_the_way for name in ("sd", "agent-phase", "ceiling")] == [0.0, 0.75, 1.0]
+    from speed_report import format_table
+
+    assert "75% of 5.00x" in format_table(list(rows.values()))
+
+
+def test_noise_warnings_name_a_busy_machine_and_repeats_that_disagree(speed):
+    """Deterministic: the load readings are given. Two CPUs: a load average of 2 is this run's own
+    two threads, above it other work competed; repeats spreading over 10% are named with their spread."""
+    from speed_report import noise_warnings
+
+    workload = speed.Workload("unet", 512, 1, 1, lambda generate, warmup: None)
+    run = speed.Run("sd15", None, ("unet",), (512,))
+
+    def rows(tome_seconds: list[float], load: float | None):
+        results = dict([_row(speed, "sd", [10.0, 10.2], load), _row(speed, "tome-phase", tome_seconds, load)])
+        return speed.rows_for(run, workload, results, "sd")
+
+    assert noise_warnings(rows([6.0, 6.3], 2.0), cpus=2) == []
+    assert noise_warnings(rows([6.0, 6.3], None), cpus=2) == []  # no load average on this OS: nothing to say
+    (busy,) = noise_warnings(rows([6.0, 6.3], 3.4), cpus=2)
+    assert "load average up to 3.4 on 2 CPUs while timing every table" in busy
+    (spread,) = noise_warnings(rows([6.0, 10.4], 1.0), cpus=2)  # ToMe phase 1.67x, then 0.98x: as in issue 17.2
+    assert "tome-phase at 512 px 54%" in spread and "sd at" not in spread
+    assert noise_warnings(rows([6.0], 1.0), cpus=2) == []  # one timed call: no spread to judge
+
+
+def test_estimate_first_then_adapted_and_a_busy_machine_warned_on_a_tiny_model(speed, tmp_path, monkeypatch, capsys):
+    """The a-priori estimate comes with the plan, before any model is built; after the first call
+    the adapted one says how far the machine is from the reference pace; a load above the CPU count
+    is warned before timing and beside the table."""
+    monkeypatch.setitem(speed.COST_MODELS, "tiny", speed.CostModel(64, 0.2, seconds=1e-6))
+    monkeypatch.setattr(speed, "machine_load", lambda: 5.0)
+    monkeypatch.setattr(speed, "CPUS", 2)
+    argv = ["--arch", "tiny", "--resolutions", "64", "--methods", "sd", "tome-phase", "--repeats", "2"]
+    rows = speed.main([*argv, "--threads", "1", "--no-memory", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "tiny (random weights): unet, 64 px, compile none, about 0 s a priori" in out
+    assert "speed: estimate a priori: about 0 s on a quiet 2-core CPU" in out
+    assert out.index("estimate a priori") < out.index("one UNet forward, eager")  # first, then the table
+    assert "WARNING: load average 5.0 on 2 CPUs before the first run" in err
+    assert "adapted estimate: about" in err and "the a-priori time per forward (a slower or busier machine" in err
+    assert "WARNING: load average up to 5.0 on 2 CPUs while timing every table" in out
+    assert [row.load for row in rows] == [5.0, 5.0]
 
 
 def test_whole_model_compile(speed, tmp_path):
@@ -157,7 +246,7 @@ def test_whole_model_compile(speed, tmp_path):
         ("tomesd-r0.4", "full", 0, None),
         ("agentsd-r0.4", "full", 0, None),
     ]
-    assert [rows[0].graph_breaks, rows[2].graph_breaks] == [0, 1]  # AgentSD: its one break per UNet call
+    assert [rows[0].graph_breaks, rows[2].graph_breaks] == [0, 0]  # AgentSD: one graph (phases as torch.cond)
 
 
 def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
@@ -165,7 +254,7 @@ def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
     SDXL-like) on tiny models. Regional compilation tries fullgraph=True and says when a method
     needs graph breaks; no method recompiles in its timed calls."""
     out = tmp_path / "out"
-    argv = ["--suite", "gpu-smoke", "--methods", "sd", "tomesd", "agent-phase", "ceiling", "--threads", "1"]
+    argv = ["--suite", "gpu-smoke", "--methods", "sd", "tomesd", "todo", "agent-phase", "ceiling", "--threads", "1"]
     speed.main([*argv, "--out", str(out)])
     results = json.loads((out / "speed.json").read_text())["results"]
     groups = {(r["source"], r["compile"], r["mode"]) for r in results}
@@ -177,16 +266,39 @@ def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
         ("tiny-xl (random weights)", "regional", "unet"),
     }
     # Whole generations leave out AgentSD's single phases, forwards at t = 981 its recipe (the agent phase there).
-    assert {r["method"] for r in results if r["mode"] == "pipeline"} == {"sd", "tomesd-r0.4", "ceiling"}
-    assert len(results) == 4 * 4 + 3 and all(r["peak_mib_per_image"] is not None for r in results)
+    assert {r["method"] for r in results if r["mode"] == "pipeline"} == {"sd", "tomesd-r0.4", "todo", "ceiling"}
+    # Five forward runs of five methods (2048 px is a run of its own: 64 px too here), one generation run of four.
+    assert len(results) == 5 * 5 + 4 and all(r["peak_mib_per_image"] is not None for r in results)
     for row in (r for r in results if r["compile"] == "regional"):
         assert row["compiles"] == 0, row
-        if row["method"] in ("sd", "ceiling"):
+        if row["method"] in ("sd", "todo", "ceiling"):
             assert row["note"] is None and row["graph_breaks"] == 0, row
         elif row["method"] == "tomesd-r0.4":  # tomesd creates a torch.Generator in every call
             assert "fullgraph=True failed" in row["note"]
         else:  # AgentSD's blocks compile whole: no fallback, no break
             assert row["note"] is None and row["graph_breaks"] == 0, row
+
+
+def test_highres_and_gpu_suites_plan_the_issues_tables(speed):
+    """highres: SD 1.5 at 1024/1536/2048 px with tomesd, ToDo, AgentSD's phases and the ceiling;
+    SDXL at 1024/2048 px without tomesd and the ToMe phase. gpu: 2048 px and ToDo added, fewer
+    repeats; gpu-compile: the whole UNet with CUDA graphs, torch.compile's mode passed through."""
+    highres = speed.SUITES["highres"]
+    assert highres.settings["methods"] == ["sd", "tomesd", "todo", "agent-phase", "tome-phase", "ceiling"]
+    sizes = {(run.arch, px) for run in highres.runs for px in run.resolutions}
+    assert sizes == {("sd15", 1024), ("sd15", 1536), ("sd15", 2048), ("sdxl", 1024), ("sdxl", 2048)}
+    assert all(run.modes == ("unet",) and run.compile == "none" for run in highres.runs)
+    assert all(set(run.skip) == {"tomesd", "tome-phase"} for run in highres.runs if run.arch == "sdxl")
+    gpu = speed.SUITES["gpu"]
+    assert "todo" in gpu.settings["methods"]
+    assert ("sd15", 2048) in {(run.arch, px) for run in gpu.runs for px in run.resolutions}
+    assert speed.SUITES["gpu-compile"].settings["compiler_mode"] == "reduce-overhead"
+
+    seen = {}
+    unet = torch.nn.Linear(2, 2)
+    unet.compile = lambda **options: seen.update(options)
+    speed.compile_unet(unet, "full", "inductor", fullgraph=False, compiler_mode="reduce-overhead")
+    assert seen == {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead"}
 
 
 def test_quick_suite_stays_a_two_minute_honest_comparison(speed):
@@ -197,7 +309,7 @@ def test_quick_suite_stays_a_two_minute_honest_comparison(speed):
     assert (run.arch, run.modes, run.resolutions, run.compile) == ("sd15", ("unet",), (512,), "none")
     assert [m.name for m in args.method_list] == ["sd", "tomesd", "agent-phase", "tome-phase"]
     forwards = len(args.method_list) * (args.warmup + args.repeats + int(args.memory))
-    assert forwards * speed.forward_cost(512) <= 12
+    assert forwards * speed.COST_MODELS["sd15"].units(512) <= 12
     assert args.repeats >= 2  # a median and a spread
 
 
@@ -210,7 +322,7 @@ def test_help_shows_every_default_once(speed):
     assert "(default: None)" not in text
     assert all(option.count("(default") <= 1 for option in options[1:])
     assert "sd15 when neither --arch nor --model" in " ".join(text.split())
-    for suite in ("quick", "gpu", "gpu-smoke"):
+    for suite in speed.SUITES:
         assert f"  {suite}: " in text
 
 
@@ -270,3 +382,19 @@ def test_unloadable_model_names_the_flag(speed, tmp_path):
     with pytest.raises(SystemExit, match="argument --model: cannot load"):
         speed.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
+    """benchmarks/block.py: registered methods and --agentsd knob variants on one block, its input
+    captured from a UNet forward stopped at the block; an unknown knob is refused before any work."""
+    command = [sys.executable, "benchmarks/block.py", "--arch", "tiny", "--resolution", "64", "--repeats", "1"]
+    command += ["--threads", "1", "--modes", "eager", "--methods", "sd", "agent-phase", "ceiling"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [*command, "--agentsd", "sx=2,sy=2,agent_ratio=0.95"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ")[0].strip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["method", "sd", "agent-phase", "ceiling", "agentsd[ratio=0.4,sx=2,sy=2,agent_ratio=0.95]"]
+    bad = subprocess.run([*command, "--agentsd", "sx=2,speed=11"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "argument --agentsd" in bad.stderr

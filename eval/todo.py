@@ -1,0 +1,183 @@
+"""ToDo, token downsampling (Smith, Saxena & Saha 2024, arXiv 2402.13573), on a diffusers UNet: a peer of AgentSD.
+
+In the self-attention (``attn1``) of the transformer blocks at the chosen resolution levels, every
+query is kept, and the keys and values are computed from the hidden states downsampled on the 2-D
+token grid (``F.interpolate`` to ``int(h / factor) x int(w / factor)``). Nothing is merged or
+unmerged: the queries attend sparsely to the image, so attention costs ``N * N / factor**2``.
+
+Written here from the paper's description (the authors' reference, ImprovedTokenMerge, hooks
+``to_k`` / ``to_v`` with PyTorch hooks; ports exist for kohya sd-scripts, A1111 and ComfyUI) with
+diffusers' own machinery:
+
+* a hook on the UNet (:class:`ToDoHook`, ``diffusers.hooks``) reads the latent size from ``sample``
+  and the noise level from ``timestep`` (positional or keyword) before every call;
+* an attention processor (:class:`ToDoAttnProcessor`) on each chosen ``attn1``, set with
+  ``set_processor``, which hands the call to the processor it replaced whenever it does not
+  downsample: factor 1, grid too small to shrink, a token count that is not the grid's (an odd
+  call), a mask or an ``encoder_hidden_states`` (not plain self-attention), or the step fraction over.
+
+The knobs and their checks live in ``methods.MethodOptions`` (``--todo-*``); the registry
+(``methods.py``) turns them into the per-level factors that :func:`apply_todo` takes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import Attention
+
+# AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
+from agentsd.patch import DEFAULT_NUM_TRAIN_TIMESTEPS, _call_argument, _transformer_blocks
+
+HOOK_NAME = "todo"
+
+
+@dataclass
+class ToDoState:
+    """What every ToDo processor of one UNet needs to know about the current call (set by :class:`ToDoHook`).
+
+    Attributes:
+        stop_after: Fraction of the denoising during which ToDo is on: while ``timestep >= (1 -
+            stop_after) * num_train_timesteps`` (the noise level, as the authors' reference
+            implementation does, rather than a call count: a call at a given noise level is
+            downsampled or not whatever ran before it).
+        num_train_timesteps: The scheduler's ``num_train_timesteps``.
+        mode: The ``F.interpolate`` mode.
+        size: The latent's (H, W) in the current call.
+        active: Whether the current call is within ``stop_after``.
+    """
+
+    stop_after: float = 1.0
+    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS
+    mode: str = "nearest-exact"
+    size: tuple[int, int] | None = None
+    active: bool = True
+
+    def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        self.size = (sample.shape[-2], sample.shape[-1])
+        self.active = t >= (1 - self.stop_after) * self.num_train_timesteps
+
+
+class ToDoHook(ModelHook):
+    """Starts each UNet call: latent size and whether ToDo is on at this noise level."""
+
+    def __init__(self, state: ToDoState) -> None:
+        super().__init__()
+        self.state = state
+
+    # Reading the timestep's value cannot be traced: one graph break per call under torch.compile.
+    @torch.compiler.disable
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        self.state.start_call(_call_argument(args, kwargs, 0, "sample"), _call_argument(args, kwargs, 1, "timestep"))
+        return args, kwargs
+
+
+def downsampled_attention(
+    attn: Attention, hidden_states: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], mode: str
+) -> torch.Tensor:
+    """Self-attention of ``hidden_states`` [B, h*w, C] with keys and values from its grid resized to ``size``.
+
+    ``F.scaled_dot_product_attention`` never builds the [N, N / factor**2] matrix in memory-efficient kernels.
+    """
+    batch, tokens, channels = hidden_states.shape
+    image = hidden_states.transpose(1, 2).reshape(batch, channels, *grid)
+    context = F.interpolate(image, size=size, mode=mode).flatten(2).transpose(1, 2)
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+class ToDoAttnProcessor:
+    """ToDo on one ``attn1`` at ``downsample`` times coarser than the latent, downsampling by ``factor``.
+
+    Any call it does not downsample goes to ``inner``, the processor it replaced, unchanged.
+    """
+
+    def __init__(self, state: ToDoState, downsample: int, factor: float, inner: Callable[..., torch.Tensor]) -> None:
+        self.state = state
+        self.downsample = downsample
+        self.factor = factor
+        self.inner = inner
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        plain = encoder_hidden_states is None and attention_mask is None
+        grids = self.grids(hidden_states) if plain else None
+        if grids is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return downsampled_attention(attn, hidden_states, *grids, self.state.mode)
+
+    def grids(self, hidden_states: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """The (h, w) token grid of this call and the smaller one its keys come from, or ``None`` where ToDo
+        leaves the call alone: off, tokens that are not that grid, or a grid the factor does not shrink."""
+        if not self.state.active or self.state.size is None or hidden_states.ndim != 3:
+            return None
+        # A stride-2 convolution with padding 1 halves a side rounding up, level after level.
+        h, w = (math.ceil(side / self.downsample) for side in self.state.size)
+        size = (max(1, int(h / self.factor)), max(1, int(w / self.factor)))
+        return ((h, w), size) if h * w == hidden_states.shape[1] and size != (h, w) else None
+
+
+def apply_todo(
+    model: Any, factors: Mapping[int, float], *, stop_after: float = 1.0, mode: str = "nearest-exact"
+) -> Callable[[], None]:
+    """Put ToDo on the ``attn1`` of every ``BasicTransformerBlock`` at the levels of ``factors``; returns its remove.
+
+    Args:
+        model: A diffusers pipeline with a ``.unet`` (its scheduler's ``num_train_timesteps`` is
+            used; 1000 without one) or a ``UNet2DConditionModel``.
+        factors: Downsample factor by level (1: latent resolution, 2: one level coarser, ...).
+        stop_after, mode: See :class:`ToDoState`.
+
+    The remove puts the original processor objects back and takes the hook (and the hook
+    registry and ``forward`` it created) off the UNet, leaving the model exactly as it was.
+
+    Raises:
+        ValueError: the UNet already carries ToDo, or no transformer block sits at those levels.
+    """
+    unet = getattr(model, "unet", model)
+    scheduler_config = getattr(getattr(model, "scheduler", None), "config", None)
+    num_train_timesteps = getattr(scheduler_config, "num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
+    registry = getattr(unet, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError("this UNet already carries ToDo; remove it first")
+    attns = [(block.attn1, downsample) for _, block, downsample in _transformer_blocks(unet) if downsample in factors]
+    if not attns:
+        raise ValueError(f"no transformer block at downsample {sorted(factors)} in this UNet")
+    state = ToDoState(stop_after=stop_after, num_train_timesteps=num_train_timesteps, mode=mode)
+    created_registry, had_forward = registry is None, "forward" in vars(unet)
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(ToDoHook(state), HOOK_NAME)
+    originals = [attn.processor for attn, _ in attns]
+    for (attn, downsample), inner in zip(attns, originals):
+        attn.set_processor(ToDoAttnProcessor(state, downsample, factors[downsample], inner))
+
+    def remove() -> None:
+        for (attn, _), original in zip(attns, originals):
+            attn.set_processor(original)
+        unet._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+        if created_registry and not unet._diffusers_hook.hooks:
+            del unet._diffusers_hook
+            if not had_forward:
+                del unet.forward  # the registry left the bound method as an instance attribute
+
+    return remove
