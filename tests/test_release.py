@@ -96,7 +96,7 @@ def test_no_extra_can_replace_the_users_torch(dist: dict[str, Path]) -> None:
 
 
 def _running_site_packages() -> list[str]:
-    """The site-packages folders of the interpreter running the tests, the checkout excluded.
+    """The site-packages folders of the interpreter running the tests (never the checkout's root).
 
     ``venv --system-site-packages`` would not do: run from a virtual environment, it exposes the *base*
     interpreter's site-packages, not the environment's, where torch and diffusers actually are.
@@ -106,7 +106,8 @@ def _running_site_packages() -> list[str]:
         folders.append(site.getusersitepackages())
     found = []
     for folder in map(Path, folders):
-        if folder.is_dir() and not folder.resolve().is_relative_to(REPO) and str(folder) not in found:
+        # A venv inside the checkout (.venv/) is fine; the source tree itself never goes on the path.
+        if folder.is_dir() and folder.resolve() != REPO and str(folder) not in found:
             found.append(str(folder))
     return found
 
