@@ -88,7 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
     parser.add_argument(
-        "--block", default="down_blocks.0.attentions.0.transformer_blocks.0", help="the block's path in the UNet"
+        "--block",
+        default=None,
+        help="the block's path in the UNet (default: the first one AgentSD patches by default, the top "
+        "attention level's first: down_blocks.0... on SD 1.x/2.x, down_blocks.1... on SDXL)",
     )
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=5)
@@ -109,6 +112,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     unet = ARCHS[args.arch].build_unet().eval()
+    if args.block is None:
+        agentsd.apply_patch(unet)  # its default block selection, then gone again
+        args.block = agentsd.patch_summary(unet).blocks[0].name
+        agentsd.remove_patch(unet)
     # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
     workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
 

@@ -59,7 +59,7 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
   with its self-attention ``attn1`` returning zeros of its input's shape: top-level self-attention
   at zero cost, the limit of what any attention speed-up there can reach. Its images are meaningless.
 
-Randomness: AgentSD reseeds its own generator from ``(seed, timestep)`` at every UNet call. tomesd
+Randomness: AgentSD draws its destinations from a hash of ``(seed, timestep, block)``, no generator. tomesd
 and CA-ToMe fork the global RNG at their first UNet call after being applied, so a caller that
 wants the same images again seeds the global RNG before applying (fid.py seeds it with ``--seed`` before every batch).
 

@@ -392,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="full",
         default="none",
         help="none: eager; regional: diffusers' unet.compile_repeated_blocks(fullgraph=True); "
-        "full: torch.compile of the whole UNet (a bare --compile); dynamic=False, each method on its own twin",
+        "full: torch.compile(unet, fullgraph=True) of the whole UNet (a bare --compile); a method that cannot "
+        "compile whole (tomesd) is compiled again with graph breaks, and says so; dynamic=False, each method "
+        "on its own twin",
     )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' checks tracing only)"
@@ -944,7 +946,7 @@ def measure(
     def prepare(variant: Variant, ready: ExitStack) -> Callable[..., Any]:
         """The variant applied to its compiled twin and warmed up, left applied in ``ready``."""
         result = results[variant]
-        for fullgraph in (True, False) if compile_mode == "regional" else (False,):
+        for fullgraph in (True, False):
             model = twin(target)
             if compiled:
                 compile_unet(model, compile_mode, args.compile_backend, fullgraph, args.compiler_mode)
