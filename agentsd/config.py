@@ -122,14 +122,15 @@ class AgentSDConfig:
         k_shortcut: Weight of the value shortcut added to the agent-attention output.
         attn_precision: ``None`` computes attention in the model's dtype; ``"fp32"`` computes the
             two agent-attention products in float32 (SD 2.1 overflows in fp16 otherwise).
-        use_rand: Pick a random destination in each cell (from AgentSD's own generator, never the
-            global RNG) instead of the top-left one. Forced off for odd batch sizes, so that the
-            prompted and unprompted halves of a guidance batch always share a merge plan.
+        use_rand: Pick a random destination in each cell (a hash of ``seed``, the timestep and the
+            block, computed on the device; never the global RNG) instead of the top-left one.
+            Forced off for odd batch sizes, so that the prompted and unprompted halves of a
+            guidance batch always share a merge plan.
         merge_attn: Merge tokens (and use agents) in self-attention.
         merge_crossattn: Also merge tokens before cross-attention (plain ToMe, never agents).
         merge_mlp: Also merge tokens before the feed-forward (plain ToMe, never agents).
-        seed: Seed of the destination choice. Each UNet call reseeds from ``seed`` and its
-            timestep, so a generation is reproducible whatever ran before it.
+        seed: Seed of the destination choice. The draw depends only on ``seed``, the timestep and
+            the block, so a generation is reproducible whatever ran before it, eager or compiled.
         num_train_timesteps: The scheduler's training horizon that ``Phase.min_t`` is relative to.
             ``None`` reads it from the pipeline's scheduler, or uses 1000 for a bare UNet.
     """

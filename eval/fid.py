@@ -38,8 +38,8 @@ Measurements:
 Resumable: finished images are skipped, each written under a temporary name and renamed (temporaries
 a killed run left are removed at the next start); a batch with any image missing is made again
 whole. Images do not depend on the batch they ran in: every batch starts every method's randomness
-from ``--seed`` (ToMeSD draws one merge pattern per call, shared by the batch; AgentSD reseeds from
-``(seed, timestep)``), so batch size, resumes and sharding change no pixel beyond float rounding.
+from ``--seed`` (ToMeSD draws one merge pattern per call, shared by the batch; AgentSD hashes
+``(seed, timestep, block)``), so batch size, resumes and sharding change no pixel beyond float rounding.
 CA-ToMe is the exception (each image merges as many tokens as the most similar image of its batch):
 its settings record the batch size, and a resume with another one is refused.
 Sharding: ``accelerate launch --num_processes 8 eval/fid.py ...`` gives batch k to process

@@ -84,7 +84,7 @@ from agentsd.config import RECIPE_SWITCH  # noqa: E402
 # Sibling script modules: eval/ is sys.path[0] when this file runs as a script.
 from methods import METHODS, Method, Variant, add_method_arguments, options_from, resolve_methods  # noqa: E402 isort: skip
 from methods import variants as method_variants  # noqa: E402 isort: skip
-from speed_report import Row, format_table, machine_info, noise_warnings, write_outputs  # noqa: E402 isort: skip
+from speed_report import Row, busy, format_table, machine_info, noise_warnings, write_outputs  # noqa: E402 isort: skip
 from unet_configs import ARCHS, TEXT_TOKENS, Arch  # noqa: E402 isort: skip
 
 MODES = ("unet", "pipeline", "hires")
@@ -863,11 +863,6 @@ def machine_load() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
-
-
-def busy(load: float | None, cpus: int) -> bool:
-    """Whether more threads wanted a core than there are cores: some waited, timings stretched."""
-    return load is not None and load > cpus
 
 
 def warn_if_busy(when: str, cpus: int) -> None:

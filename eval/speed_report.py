@@ -126,17 +126,28 @@ def _of_the_way(row: Row) -> str:
     return f"{row.of_the_way:.0%} of {row.ceiling_speedup:.2f}x"
 
 
+#: Load average above the CPU count that still counts as quiet: the kernel's and Python's own helper
+#: threads put a 2-thread run on 2 CPUs at about 2.1, with nothing else running.
+LOAD_SLACK = 0.5
+
+
+def busy(load: float | None, cpus: int) -> bool:
+    """Whether more threads wanted a core than there are cores (by more than ``LOAD_SLACK``): some
+    waited, timings stretched."""
+    return load is not None and load > cpus + LOAD_SLACK
+
+
 def noise_warnings(rows: Sequence[Row], cpus: int) -> list[str]:
-    """Why some figures are not to be trusted: a busy machine while they were timed (a load average
-    above the CPU count: threads waited for a core), or repeats that disagree (spread over
+    """Why some figures are not to be trusted: a busy machine while they were timed (:func:`busy`:
+    threads waited for a core), or repeats that disagree (spread over
     :data:`SPREAD_LIMIT` of the median). Empty when neither happened."""
     warnings = []
     groups = list(dict.fromkeys(_group_title(_group(row)) for row in rows))
-    busy = [row for row in rows if row.load is not None and row.load > cpus]
-    if busy:
-        tables = list(dict.fromkeys(_group_title(_group(row)) for row in busy))
+    loaded = [row for row in rows if busy(row.load, cpus)]
+    if loaded:
+        tables = list(dict.fromkeys(_group_title(_group(row)) for row in loaded))
         warnings.append(
-            f"load average up to {max(row.load for row in busy):.1f} on {cpus} CPUs while timing "
+            f"load average up to {max(row.load for row in loaded):.1f} on {cpus} CPUs while timing "
             f"{'every table' if tables == groups else '; '.join(tables)} (this run's own threads included): "
             "other work competed for the cores"
         )
