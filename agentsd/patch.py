@@ -77,18 +77,19 @@ class UNetState:
 
     def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
         """Note this call's latent size and timestep; pick the phase on the host unless traced."""
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))
-        self.timestep = t.flatten()[0].to(device=sample.device, dtype=torch.float32)
+        first = (timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))).flatten()[0]
+        self.timestep = first.to(device=sample.device, dtype=torch.float32)
         self.latent_size = (sample.shape[-2], sample.shape[-1])
         # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
         # the two halves of a pair different plans, so use the fixed top-left ones.
         self.use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
-        # Eager, one read of the timestep (a device sync only if it lives on an accelerator) saves
-        # every block from carrying all the phases. Traced, there is no read: see BlockState.run.
+        # Eager, one read of the timestep where the caller keeps it (a device sync only if that is an
+        # accelerator) saves every block from carrying all the phases. Traced, there is no read:
+        # see BlockState.run.
         if torch.compiler.is_compiling():
             self.phase = None
             return
-        self.phase = self.config.phase_at(float(self.timestep), self.num_train_timesteps)
+        self.phase = self.config.phase_at(float(first), self.num_train_timesteps)
         # The layouts are drawn here, outside the blocks, so that a regionally compiled block sees
         # only tensors and values that are the same for every block of its level.
         fixed: dict[tuple[int, int], GridLayout | None] = {}
