@@ -69,6 +69,29 @@ def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
 
+def layer_queries(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Layer ``attn``'s per-head queries [B, heads, N, d] of tokens ``x`` [B, N, C] (``to_q``, then ``norm_q``)."""
+    q = _heads(attn, attn.to_q(x))
+    return q if attn.norm_q is None else attn.norm_q(q)
+
+
+def layer_keys_values(attn: Attention, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``attn``'s per-head keys (``to_k``, then ``norm_k``) and values of tokens ``context``."""
+    k = _heads(attn, attn.to_k(context))
+    return (k if attn.norm_k is None else attn.norm_k(k)), _heads(attn, attn.to_v(context))
+
+
+def layer_output(attn: Attention, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Layer ``attn``'s output for per-head attention ``out`` [B, heads, N, d] of its input ``x`` [B, N, C].
+
+    ``to_out``, then the residual and rescaling that diffusers' processors apply.
+    """
+    out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+    if attn.residual_connection:
+        out = out + x
+    return out / attn.rescale_output_factor
+
+
 def holds_weights(processor: object) -> bool:
     """Whether an attention processor has parameters of its own (Custom Diffusion's, IP-Adapter's)."""
     return isinstance(processor, torch.nn.Module) and next(processor.parameters(), None) is not None
@@ -79,19 +102,13 @@ def agent_self_attention(
 ) -> torch.Tensor:
     """Self-attention of layer ``attn`` for tokens ``x`` [B, M, C] through ``agent_tokens`` [B, A, C].
 
-    ``to_q``, ``to_k``, ``to_v``, the optional q/k norms and ``to_out`` are the layer's own; the
-    agents' queries are ``to_q`` of the agent tokens.
+    The projections, the optional q/k norms and ``to_out`` are the layer's own; the agents'
+    queries are the layer's queries of the agent tokens.
     """
-    q, k, v, a = (_heads(attn, t) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x), attn.to_q(agent_tokens)))
-    if attn.norm_q is not None:
-        q, a = attn.norm_q(q), attn.norm_q(a)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    out = agent_attention(q, k, v, a, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32")
-    out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
-    if attn.residual_connection:
-        out = out + x
-    return out / attn.rescale_output_factor
+    q, agents = layer_queries(attn, x), layer_queries(attn, agent_tokens)
+    k, v = layer_keys_values(attn, x)
+    out = agent_attention(q, k, v, agents, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32")
+    return layer_output(attn, out, x)
 
 
 def attention_call(

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 
+# The layer's own projections and output, as AgentSD's agent attention uses them.
+from agentsd.attention import layer_keys_values, layer_output, layer_queries
+
 # AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
 from agentsd.patch import DEFAULT_NUM_TRAIN_TIMESTEPS, _call_argument, _transformer_blocks
 
@@ -86,19 +89,12 @@ def downsampled_attention(
 
     ``F.scaled_dot_product_attention`` never builds the [N, N / factor**2] matrix in memory-efficient kernels.
     """
-    batch, tokens, channels = hidden_states.shape
+    batch, _, channels = hidden_states.shape
     image = hidden_states.transpose(1, 2).reshape(batch, channels, *grid)
     context = F.interpolate(image, size=size, mode=mode).flatten(2).transpose(1, 2)
-    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
-    return attn.to_out[1](attn.to_out[0](out))
+    key, value = layer_keys_values(attn, context)
+    out = F.scaled_dot_product_attention(layer_queries(attn, hidden_states), key, value, scale=attn.scale)
+    return layer_output(attn, out, hidden_states)
 
 
 class ToDoAttnProcessor:
