@@ -198,7 +198,7 @@ class GridLayout:
         # ascending order, without `nonzero()`, whose data-dependent size would stall the device.
         # Both are taken from the sort's output: a compiler then computes the hash behind `drawn`
         # once, where it would otherwise inline it into every kernel that indexes by a destination
-        # (inductor: 5x the code and compile time of the branches).
+        # (inductor: the tiny SD 1.x UNet compiled whole in 43 s instead of 68).
         is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device).index_fill_(0, drawn, 1)
         order = is_dst.argsort(stable=True)
         num_src = h * w - drawn.shape[0]
