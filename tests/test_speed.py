@@ -400,3 +400,33 @@ def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
     assert rows == ["method", "sd", "agent-phase", "ceiling", "agentsd[ratio=0.4,sx=2,sy=2,agent_ratio=0.95]"]
     bad = subprocess.run([*command, "--agentsd", "sx=2,speed=11"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "argument --agentsd" in bad.stderr
+
+
+def test_forward_benchmark_times_knob_variants_of_the_whole_forward(tmp_path):
+    """benchmarks/forward.py: whole forwards of each --agentsd variant, interleaved, with the speed-up
+    over the first; a bad knob or repeat count is refused before any work."""
+    command = [sys.executable, "benchmarks/forward.py", "--arch", "tiny", "--resolution", "64", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [*command, "--repeats", "2", "--agentsd", "max_downsample=1", "max_downsample=2,sx=4,sy=4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    labels = [row[0].strip("| ") for row in rows]
+    assert labels == [
+        "agentsd knobs",
+        "schedule=fixed,ratio=0.4,max_downsample=1",
+        "schedule=fixed,ratio=0.4,max_downsample=2,sx=4,sy=4",
+    ]
+    assert rows[1][-1].strip("| ") == "1.00x"
+    assert done.stdout.count("max_downsample=2,sx=4,sy=4: ") == 2  # two interleaved rounds
+    for bad, message in (
+        (["--agentsd", "speed=11"], "argument --agentsd"),
+        (["--repeats", "0", "--agentsd", "sx=2"], "--repeats"),
+    ):
+        refused = subprocess.run([*command, *bad], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr
