@@ -84,6 +84,11 @@ def agentsd_knobs(text: str) -> dict[str, Any]:
     return knobs
 
 
+def knobs_label(knobs: dict[str, Any]) -> str:
+    """``agentsd[ratio=0.4,sx=2]``: a variant's name from its :func:`agentsd_knobs` (the fixed schedule implied)."""
+    return "agentsd[" + ",".join(f"{key}={value}" for key, value in knobs.items() if key != "schedule") + "]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
@@ -134,8 +139,7 @@ def main() -> None:
 
     variants = {name: registered(name) for name in args.methods}
     for knobs in args.agentsd:
-        label = ",".join(f"{key}={value}" for key, value in knobs.items() if key != "schedule")
-        variants[f"agentsd[{label}]"] = functools.partial(knobbed, knobs=knobs)
+        variants[knobs_label(knobs)] = functools.partial(knobbed, knobs=knobs)
 
     calls = {}
     block_args: tuple = ()

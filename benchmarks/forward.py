@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from block import agentsd_knobs
+from block import agentsd_knobs, knobs_label
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
 import speed  # noqa: E402
@@ -44,22 +43,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     unet = ARCHS[args.arch].build_unet()
-    generator = torch.Generator().manual_seed(speed.SEED)
-    latent = args.resolution // 8
-    sample = torch.randn((2, unet.config.in_channels, latent, latent), generator=generator)
-    cond = speed.unet_conditioning(unet, 2, args.resolution, generator)
-    labels = [",".join(f"{key}={value}" for key, value in knobs.items()) for knobs in args.agentsd]
+    # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
+    workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
+    labels = [knobs_label(knobs) for knobs in args.agentsd]
     seconds: dict[str, list[float]] = {label: [] for label in labels}
     variants = list(zip(labels, args.agentsd))
-    for round_ in range(args.repeats):
-        for label, knobs in variants if round_ % 2 == 0 else variants[::-1]:
-            agentsd.apply_patch(unet, **knobs)
-            start = time.perf_counter()
-            with torch.no_grad():
-                unet(sample, torch.tensor(981.0), **cond)
-            seconds[label].append(time.perf_counter() - start)
-            agentsd.remove_patch(unet)
-            print(f"{label}: {seconds[label][-1]:.2f} s", flush=True)
+    with torch.no_grad():
+        for round_ in range(args.repeats):
+            for label, knobs in variants if round_ % 2 == 0 else variants[::-1]:
+                agentsd.apply_patch(unet, **knobs)
+                seconds[label].append(speed.timed(lambda: workload.call(unet, False), unet.device))
+                agentsd.remove_patch(unet)
+                print(f"{label}: {seconds[label][-1]:.2f} s", flush=True)
     first = statistics.median(seconds[labels[0]])
     print(f"\n{args.arch} at {args.resolution} px, batch 2, t = 981, s per forward, median of {args.repeats}:")
     print("| agentsd knobs | s | min-max | vs first |\n|---|---|---|---|")

@@ -419,11 +419,11 @@ def test_forward_benchmark_times_knob_variants_of_the_whole_forward(tmp_path):
     labels = [row[0].strip("| ") for row in rows]
     assert labels == [
         "agentsd knobs",
-        "schedule=fixed,ratio=0.4,max_downsample=1",
-        "schedule=fixed,ratio=0.4,max_downsample=2,sx=4,sy=4",
+        "agentsd[ratio=0.4,max_downsample=1]",
+        "agentsd[ratio=0.4,max_downsample=2,sx=4,sy=4]",
     ]
     assert rows[1][-1].strip("| ") == "1.00x"
-    assert done.stdout.count("max_downsample=2,sx=4,sy=4: ") == 2  # two interleaved rounds
+    assert done.stdout.count("max_downsample=2,sx=4,sy=4]: ") == 2  # two interleaved rounds
     for bad, message in (
         (["--agentsd", "speed=11"], "argument --agentsd"),
         (["--repeats", "0", "--agentsd", "sx=2"], "--repeats"),
