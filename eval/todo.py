@@ -10,7 +10,8 @@ Written here from the paper's description (the authors' reference, ImprovedToken
 diffusers' own machinery:
 
 * a hook on the UNet (:class:`ToDoHook`, ``diffusers.hooks``) reads the latent size from ``sample``
-  and the noise level from ``timestep`` (positional or keyword) before every call;
+  and, with a stop fraction, the noise level from ``timestep`` (positional or keyword) before every
+  call; on at every step (the default), ``torch.compile(unet, fullgraph=True)`` traces it whole;
 * an attention processor (:class:`ToDoAttnProcessor`) on each chosen ``attn1``, set with
   ``set_processor``, which hands the call to the processor it replaced whenever it does not
   downsample: factor 1, grid too small to shrink, a token count that is not the grid's (an odd
@@ -63,8 +64,14 @@ class ToDoState:
     active: bool = True
 
     def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         self.size = (sample.shape[-2], sample.shape[-1])
+        if self.stop_after >= 1:
+            # On at every step (the default): the timestep is not read, so a compiled UNet stays one graph.
+            self.active = True
+            return
+        # A stop fraction reads the timestep on the host, as the reference does: under torch.compile,
+        # one graph break per call.
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         self.active = t >= (1 - self.stop_after) * self.num_train_timesteps
 
 
@@ -75,8 +82,6 @@ class ToDoHook(ModelHook):
         super().__init__()
         self.state = state
 
-    # Reading the timestep's value cannot be traced: one graph break per call under torch.compile.
-    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self.state.start_call(_call_argument(args, kwargs, 0, "sample"), _call_argument(args, kwargs, 1, "timestep"))
         return args, kwargs

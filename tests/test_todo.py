@@ -214,3 +214,14 @@ def test_applying_twice_is_refused_and_changes_nothing():
         with pytest.raises(ValueError, match="already carries ToDo"):
             todo.apply_todo(unet, {1: 2.0})
         assert unet.attn_processors == processors
+
+
+def test_on_at_every_step_it_compiles_whole_with_fullgraph_and_matches_eager():
+    """The default (no stop fraction) never reads the timestep, so the patched UNet is one graph."""
+    torch._dynamo.reset()
+    unet, inputs = tiny_unet("sd1").eval(), unet_inputs("sd1")
+    with torch.no_grad(), m.METHODS["todo"].applied(unet):
+        eager = unet(timestep=981, **inputs).sample
+        compiled = torch.compile(unet, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(timestep=981, **inputs).sample, eager, atol=1e-5)
+    torch._dynamo.reset()
