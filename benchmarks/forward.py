@@ -1,12 +1,13 @@
 """Whole UNet forwards with AgentSD knob variants that ``eval/speed.py`` has no flags for.
 
-    python benchmarks/forward.py --resolution 2048 --agentsd max_downsample=1 max_downsample=2
+    python benchmarks/forward.py --resolution 2048 --sd --agentsd max_downsample=1 max_downsample=2
 
 Each ``--agentsd KNOBS`` (as in ``benchmarks/block.py``: one fixed phase, ratio 0.4 unless given)
 is applied in turn to one UNet of ``--arch`` with random weights, and the same forward (batch 2,
 t = 981, ``eval/speed.py``'s inputs) is timed, the variants interleaved and their order reversed
-every round; medians are printed with their ranges and the speed-up over the first variant. Use it
-where a knob changes the whole forward, not one block: ``max_downsample`` merges more levels.
+every round; medians are printed with their ranges and the speed-up over the first variant
+(``--sd``: the unpatched UNet, timed first, in the same rounds). Use it where a knob changes the
+whole forward, not one block: ``max_downsample`` merges more levels.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed forwards per variant (default: 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
+        "--sd", action="store_true", help="time the unpatched UNet too, as the first variant (the baseline)"
+    )
+    parser.add_argument(
         "--agentsd", type=agentsd_knobs, nargs="+", required=True, metavar="KNOBS", help="e.g. max_downsample=2,sx=4"
     )
     args = parser.parse_args()
@@ -45,19 +49,23 @@ def main() -> None:
     unet = ARCHS[args.arch].build_unet()
     # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
     workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
-    labels = [knobs_label(knobs) for knobs in args.agentsd]
+    # None: the unpatched UNet.
+    variants: list[tuple[str, dict | None]] = [("sd", None)] if args.sd else []
+    variants += [(knobs_label(knobs), knobs) for knobs in args.agentsd]
+    labels = [label for label, _ in variants]
     seconds: dict[str, list[float]] = {label: [] for label in labels}
-    variants = list(zip(labels, args.agentsd))
     with torch.no_grad():
         for round_ in range(args.repeats):
             for label, knobs in variants if round_ % 2 == 0 else variants[::-1]:
-                agentsd.apply_patch(unet, **knobs)
+                if knobs is not None:
+                    agentsd.apply_patch(unet, **knobs)
                 seconds[label].append(speed.timed(lambda: workload.call(unet, False), unet.device))
-                agentsd.remove_patch(unet)
+                if knobs is not None:
+                    agentsd.remove_patch(unet)
                 print(f"{label}: {seconds[label][-1]:.2f} s", flush=True)
     first = statistics.median(seconds[labels[0]])
     print(f"\n{args.arch} at {args.resolution} px, batch 2, t = 981, s per forward, median of {args.repeats}:")
-    print("| agentsd knobs | s | min-max | vs first |\n|---|---|---|---|")
+    print("| variant | s | min-max | vs first |\n|---|---|---|---|")
     for label in labels:
         median = statistics.median(seconds[label])
         print(

@@ -403,12 +403,12 @@ def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
 
 
 def test_forward_benchmark_times_knob_variants_of_the_whole_forward(tmp_path):
-    """benchmarks/forward.py: whole forwards of each --agentsd variant, interleaved, with the speed-up
-    over the first; a bad knob or repeat count is refused before any work."""
+    """benchmarks/forward.py: whole forwards of the unpatched UNet (--sd) and each --agentsd variant,
+    interleaved, with the speed-up over the first; a bad knob or repeat count is refused before any work."""
     command = [sys.executable, "benchmarks/forward.py", "--arch", "tiny", "--resolution", "64", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [*command, "--repeats", "2", "--agentsd", "max_downsample=1", "max_downsample=2,sx=4,sy=4"],
+        [*command, "--repeats", "2", "--sd", "--agentsd", "max_downsample=1", "max_downsample=2,sx=4,sy=4"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -418,7 +418,8 @@ def test_forward_benchmark_times_knob_variants_of_the_whole_forward(tmp_path):
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ")]
     labels = [row[0].strip("| ") for row in rows]
     assert labels == [
-        "agentsd knobs",
+        "variant",
+        "sd",
         "agentsd[ratio=0.4,max_downsample=1]",
         "agentsd[ratio=0.4,max_downsample=2,sx=4,sy=4]",
     ]
