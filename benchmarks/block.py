@@ -89,6 +89,19 @@ def knobs_label(knobs: dict[str, Any]) -> str:
     return "agentsd[" + ",".join(f"{key}={value}" for key, value in knobs.items() if key != "schedule") + "]"
 
 
+@contextmanager
+def knobbed(unet: Any, knobs: dict[str, Any] | None) -> Iterator[None]:
+    """``unet`` patched with AgentSD's :func:`agentsd_knobs` for the block; ``None``: left unpatched."""
+    if knobs is None:
+        yield
+        return
+    agentsd.apply_patch(unet, **knobs)
+    try:
+        yield
+    finally:
+        agentsd.remove_patch(unet)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
@@ -128,14 +141,6 @@ def main() -> None:
         method = registry.METHODS[name]
         ratio = 0.4 if method.uses_ratio else None
         return lambda twin: method.applied(twin, ratio=ratio, options=registry.MethodOptions())
-
-    @contextmanager
-    def knobbed(twin: Any, knobs: dict[str, Any]) -> Iterator[None]:
-        agentsd.apply_patch(twin, **knobs)
-        try:
-            yield
-        finally:
-            agentsd.remove_patch(twin)
 
     variants = {name: registered(name) for name in args.methods}
     for knobs in args.agentsd:

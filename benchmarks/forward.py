@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-from block import agentsd_knobs, knobs_label
+from block import agentsd_knobs, knobbed, knobs_label
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
 import speed  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
-
-import agentsd  # noqa: E402
 
 
 def main() -> None:
@@ -57,11 +55,8 @@ def main() -> None:
     with torch.no_grad():
         for round_ in range(args.repeats):
             for label, knobs in variants if round_ % 2 == 0 else variants[::-1]:
-                if knobs is not None:
-                    agentsd.apply_patch(unet, **knobs)
-                seconds[label].append(speed.timed(lambda: workload.call(unet, False), unet.device))
-                if knobs is not None:
-                    agentsd.remove_patch(unet)
+                with knobbed(unet, knobs):
+                    seconds[label].append(speed.timed(lambda: workload.call(unet, False), unet.device))
                 print(f"{label}: {seconds[label][-1]:.2f} s", flush=True)
     first = statistics.median(seconds[labels[0]])
     print(f"\n{args.arch} at {args.resolution} px, batch 2, t = 981, s per forward, median of {args.repeats}:")

@@ -402,7 +402,7 @@ def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
     assert bad.returncode == 2 and "argument --agentsd" in bad.stderr
 
 
-def test_forward_benchmark_times_knob_variants_of_the_whole_forward(tmp_path):
+def test_forward_benchmark_times_knob_variants_of_the_whole_forward():
     """benchmarks/forward.py: whole forwards of the unpatched UNet (--sd) and each --agentsd variant,
     interleaved, with the speed-up over the first; a bad knob or repeat count is refused before any work."""
     command = [sys.executable, "benchmarks/forward.py", "--arch", "tiny", "--resolution", "64", "--threads", "1"]
