@@ -10,8 +10,9 @@ replaced:
 * ``attn1`` (and ``attn2`` with ``merge_crossattn``, ``ff`` with ``merge_mlp``) get a ``forward``
   that runs the layer on the merged tokens and unmerges its output (:class:`MergedStage`).
 
-The timestep's value picks the schedule's phase. Eager, it is read once per UNet call and the blocks
-run the chosen phase. Traced (``torch.compile(unet, fullgraph=True)``, ``torch.export``), nothing
+The timestep's value picks the schedule's phase. Eager, it is looked up on the host, in a copy of the
+scheduler's timesteps made once per schedule (:class:`HostTimesteps`: no device sync per call), and the
+blocks run the chosen phase. Traced (``torch.compile(unet, fullgraph=True)``, ``torch.export``), nothing
 is read: every merging stage holds all the phases as branches of a ``torch.cond`` on the timestep
 tensor, so one graph serves a whole generation, with no break, no recompilation and no host read.
 The random destinations are hashed from (seed, timestep, block) on the device
@@ -52,6 +53,66 @@ DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 StageFn = Callable[[MergePlan | None, torch.Tensor], torch.Tensor]
 
 
+#: Storages of more elements than this are not copied to the host whole (a timestep read from a large
+#: buffer costs one read per call instead).
+MAX_HOST_COPY = 1 << 16
+
+
+@dataclass(eq=False)
+class HostTimesteps:
+    """Gives a call's timestep value on the host without making the host wait for the device each call.
+
+    A pipeline passes views of its scheduler's ``timesteps`` tensor, which lives on the model's
+    device: reading the element of each call would sync once per UNet call. Instead the whole
+    storage behind the view is copied to the host once and each later view of it is read there, at
+    its offset: one read per schedule, none per call. The copy is keyed by the storage itself, held
+    so that its memory cannot be handed to another tensor, and by the version counter that every
+    in-place write bumps, so a rewritten or new schedule is read afresh. Tensors without a version
+    counter (made under ``torch.inference_mode``) and views of large buffers are read directly: one
+    read per call, as a plain ``float(timestep)``.
+
+    Attributes:
+        storage: The storage copied to the host, or ``None``.
+        dtype: The element type its copy was read as.
+        version: Its version counter when copied.
+        values: Its elements, on the host.
+    """
+
+    storage: torch.UntypedStorage | None = None
+    dtype: torch.dtype | None = None
+    version: int = -1
+    values: list[float] = field(default_factory=list)
+
+    def first_value(self, timestep: torch.Tensor | float) -> float:
+        """The value of ``timestep``'s first element (a Python number is returned as is)."""
+        if not torch.is_tensor(timestep):
+            return float(timestep)
+        storage = timestep.untyped_storage()
+        length = storage.nbytes() // timestep.element_size()
+        if timestep.is_inference() or length > MAX_HOST_COPY:
+            return float(timestep.flatten()[0])
+        if not self._holds(storage, timestep):
+            self.copy(storage, timestep)
+        # A view's first element sits at its storage offset, whatever its shape and strides.
+        return float(self.values[timestep.storage_offset()])
+
+    def _holds(self, storage: torch.UntypedStorage, timestep: torch.Tensor) -> bool:
+        return (
+            self.storage is not None
+            and storage.data_ptr() == self.storage.data_ptr()
+            and storage.device == self.storage.device
+            and storage.nbytes() == self.storage.nbytes()
+            and timestep.dtype == self.dtype
+            and timestep._version == self.version
+        )
+
+    def copy(self, storage: torch.UntypedStorage, timestep: torch.Tensor) -> None:
+        """Copy ``storage``, the one behind ``timestep``, to the host: the one read of a schedule."""
+        whole = timestep.new_empty(0).set_(storage, 0, (storage.nbytes() // timestep.element_size(),))
+        self.storage, self.dtype, self.version = storage, timestep.dtype, timestep._version
+        self.values = whole.tolist()
+
+
 @dataclass
 class UNetState:
     """What every patched block of one UNet needs to know about the current call.
@@ -65,6 +126,7 @@ class UNetState:
         phase: The phase of this call when it is known on the host (eager calls), else ``None``
             (traced calls: the blocks choose on the device).
         use_rand: Whether this call draws random destinations (``config.use_rand`` and an even batch).
+        host_timesteps: Where eager calls look up the timestep's value without a device sync.
     """
 
     config: AgentSDConfig
@@ -74,6 +136,7 @@ class UNetState:
     timestep: torch.Tensor | None = None
     phase: Phase | None = None
     use_rand: bool = True
+    host_timesteps: HostTimesteps = field(default_factory=HostTimesteps)
 
     def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
         """Note this call's latent size and timestep; pick the phase on the host unless traced."""
@@ -83,13 +146,13 @@ class UNetState:
         # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
         # the two halves of a pair different plans, so use the fixed top-left ones.
         self.use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
-        # Eager, one read of the timestep where the caller keeps it (a device sync only if that is an
-        # accelerator) saves every block from carrying all the phases. Traced, there is no read:
-        # see BlockState.run.
+        # Eager, knowing the phase on the host saves every block from carrying all the phases; the
+        # value comes from a host copy of the schedule, not from a read per call. Traced, there is no
+        # read: see BlockState.run.
         if torch.compiler.is_compiling():
             self.phase = None
             return
-        self.phase = self.config.phase_at(float(first), self.num_train_timesteps)
+        self.phase = self.config.phase_at(self.host_timesteps.first_value(timestep), self.num_train_timesteps)
         # The layouts are drawn here, outside the blocks, so that a regionally compiled block sees
         # only tensors and values that are the same for every block of its level.
         fixed: dict[tuple[int, int], GridLayout | None] = {}

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
 from agentsd.merge import GridLayout, draw_key, plan_merge
+from agentsd.patch import HostTimesteps
 
 #: Two agent-phase steps, two ToMe-phase steps, then the agent phase again (recipe switch at t = 600).
 TIMESTEPS = (981, 961, 581, 561, 941)
@@ -197,18 +198,74 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("timestep", [981, 581], ids=["agent-phase", "tome-phase"])
-def test_a_patched_call_adds_one_host_sync_reading_the_timestep_and_none_per_block(timestep):
+def _pipeline_loop(unet, sample, kwargs, timesteps):
+    """UNet calls as a pipeline makes them: one per element view of the scheduler's timesteps."""
+    with torch.no_grad():
+        return [unet(sample, t, **kwargs).sample for t in timesteps]
+
+
+def test_patched_calls_add_no_host_sync_and_read_the_schedule_to_the_host_once(monkeypatch):
     unet = tiny_unet("sd1").eval()
     sample, kwargs = _inputs("sd1")
-    with _CountOps() as plain:
-        _run(unet, sample, kwargs, timestep)
+    timesteps = torch.tensor(TIMESTEPS)
+    plain = []
+    for t in timesteps:
+        with _CountOps() as ops:
+            _pipeline_loop(unet, sample, kwargs, [t])
+        plain.append(ops.syncs)
     agentsd.apply_patch(unet, ratio=0.4)
-    with _CountOps() as patched:
-        _run(unet, sample, kwargs, timestep)
-    assert len(agentsd.patch_summary(unet).blocks) == 3
+    expected = [_run(unet, sample, kwargs, t) for t in TIMESTEPS]  # fresh 0-d tensors, each copied alone
+    copies = []
+    copy = HostTimesteps.copy
+    monkeypatch.setattr(HostTimesteps, "copy", lambda self, *a: copies.append(a) or copy(self, *a))
+    for t, syncs, want in zip(timesteps, plain, expected, strict=True):
+        with _CountOps() as ops:
+            (out,) = _pipeline_loop(unet, sample, kwargs, [t])
+        assert ops.syncs == syncs, int(t)  # nothing beyond what the unpatched UNet does itself
+        assert torch.equal(out, want), int(t)  # the phase and destinations of that timestep
+    assert len(copies) == 1  # the whole schedule, at the first call
+
+    timesteps[2:] = torch.tensor([981, 961, 581])  # rewritten in place: read afresh, phases follow
+    outs = _pipeline_loop(unet, sample, kwargs, timesteps[2:])
+    assert len(copies) == 2
+    assert all(torch.equal(out, expected[i]) for out, i in zip(outs, (0, 1, 2), strict=True))
     agentsd.remove_patch(unet)
-    assert sorted(patched.syncs) == sorted([*plain.syncs, "_local_scalar_dense"])
+
+
+@pytest.mark.parametrize("kind", ["sd", "img2img"])
+def test_a_pipeline_copies_its_schedule_to_the_host_once_per_generation(kind, tmp_path, monkeypatch):
+    """diffusers' pipelines pass views of ``scheduler.timesteps`` (img2img: of a slice of it)."""
+    pipe = tiny_pipeline(kind, tmp_path)
+    agentsd.apply_patch(pipe, ratio=0.4)
+    copies = []
+    copy = HostTimesteps.copy
+    monkeypatch.setattr(HostTimesteps, "copy", lambda self, *a: copies.append(a) or copy(self, *a))
+    call = dict(prompt="a photo of a cat", num_inference_steps=4, output_type="np")
+    if kind == "img2img":
+        call["image"] = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for generation in (1, 2):
+        pipe(generator=torch.Generator().manual_seed(0), **call)
+        assert len(copies) == generation  # set_timesteps makes a new tensor per generation
+
+
+@pytest.mark.parametrize("make", ["python-number", "inference-tensor", "batched-view"])
+def test_a_timestep_of_any_form_picks_its_phase(make):
+    """Numbers and inference tensors are read directly (no host copy); a batched view at its offset."""
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    agentsd.apply_patch(unet, ratio=0.4)
+    for value in (981, 581):
+        expected = _run(unet, sample, kwargs, value)
+        if make == "python-number":
+            timestep = value
+        elif make == "inference-tensor":
+            with torch.inference_mode():
+                timestep = torch.tensor([0, value])[1]
+        else:
+            timestep = torch.tensor([7, value, value])[1:]
+        with torch.no_grad():
+            assert torch.equal(unet(sample, timestep, **kwargs).sample, expected), (make, value)
+    agentsd.remove_patch(unet)
 
 
 @pytest.mark.parametrize("sx,agent_r", [(4, 60), (2, 0)], ids=["agents", "tome"])
