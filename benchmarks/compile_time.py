@@ -1,11 +1,15 @@
 """How long torch.compile takes on a patched UNet against the unpatched one (issue 18.7).
 
-    python benchmarks/compile_time.py            # tiny SD 1.x and SDXL UNets, regional and whole model
+    python benchmarks/compile_time.py                        # tiny SD 1.x and SDXL UNets of the tests
+    python benchmarks/compile_time.py --unets sd15 sdxl      # full-size architectures, random weights
 
 Each case runs in a fresh process (no dynamo or inductor cache carried over: the FX graph and
-autotune caches are off), compiles with inductor, and reports the first call (trace + compile + run)
-minus a later call (run), median of ``--repeats`` processes. The tiny UNets of the test suite are
-used: their compile time is all tracing and code generation, which is what a patch adds to.
+autotune caches are off), compiles with inductor, and reports the first calls at both phases (trace
++ compile + run) minus the same calls again (run), median of ``--repeats`` processes. The tiny UNets'
+compile time is all tracing and code generation, which is what a patch adds to; the full-size ones
+(``eval/unet_configs.py``, at ``--resolution``, which changes the run but not the code generated)
+show the ratio a user compiling SD 1.5 or SDXL gets, where the patched blocks are a smaller part of
+the model.
 """
 
 from __future__ import annotations
@@ -22,24 +26,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_case(kind: str, mode: str, patched: bool) -> float:
-    """Seconds of compilation for one (kind, mode, patched) case, in this process."""
-    sys.path.insert(0, str(ROOT / "tests"))
+TINY = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+FULL_SIZE = ("sd15", "sdxl")
+
+
+def one_case(unet_name: str, mode: str, patched: bool, resolution: int) -> float:
+    """Seconds of compilation for one (UNet, mode, patched) case, in this process."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "eval")]
     import torch
     import torch._inductor.config as inductor_config
-    from tiny import TEXT_DIM, tiny_unet
 
     import agentsd
 
     inductor_config.fx_graph_cache = False
     inductor_config.autotune_local_cache = False
     torch.set_num_threads(1)
-    unet = tiny_unet(kind).eval()
     g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, generator=g)
-    kwargs = {"encoder_hidden_states": torch.randn(2, 5, (2 if kind == "sdxl" else 1) * TEXT_DIM, generator=g)}
-    if kind == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, TEXT_DIM), "time_ids": torch.randn(2, 6)}
+    if unet_name in TINY:
+        from tiny import TEXT_DIM, tiny_unet
+
+        kind = TINY[unet_name]
+        unet = tiny_unet(kind).eval()
+        sample = torch.randn(2, 4, 16, 16, generator=g)
+        kwargs = {"encoder_hidden_states": torch.randn(2, 5, (2 if kind == "sdxl" else 1) * TEXT_DIM, generator=g)}
+        if kind == "sdxl":
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, TEXT_DIM), "time_ids": torch.randn(2, 6)}
+    else:
+        import speed
+        from unet_configs import ARCHS
+
+        unet = ARCHS[unet_name].build_unet()
+        sample = torch.randn(2, 4, resolution // 8, resolution // 8, generator=g)
+        kwargs = speed.unet_conditioning(unet, 2, resolution, g)
     if patched:
         agentsd.apply_patch(unet, ratio=0.4)
     if mode == "regional":
@@ -62,28 +80,33 @@ def one_case(kind: str, mode: str, patched: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--unets", nargs="+", choices=[*TINY, *FULL_SIZE], default=list(TINY), help="default: the two tiny UNets"
+    )
+    parser.add_argument("--modes", nargs="+", choices=["regional", "whole"], default=["regional", "whole"])
+    parser.add_argument("--resolution", type=int, default=256, help="image side in px of the full-size UNets' calls")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # kind,mode,patched: run one case and print seconds
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # unet,mode,patched: run one case and print seconds
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"argument --repeats: must be at least 1, got {args.repeats}")
+    if args.resolution <= 0 or args.resolution % 64:
+        parser.error(f"argument --resolution: a positive multiple of 64 px, got {args.resolution}")
     if args.case:
-        kind, mode, patched = args.case.split(",")
-        print(json.dumps(one_case(kind, mode, patched == "1")))
+        unet_name, mode, patched = args.case.split(",")
+        print(json.dumps(one_case(unet_name, mode, patched == "1", args.resolution)))
         return
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     print("| UNet | compile | unpatched (s) | patched (s) | patched / unpatched |\n|---|---|---|---|---|")
-    for kind in ("sd1", "sdxl"):
-        for mode in ("regional", "whole"):
+    for unet_name in args.unets:
+        for mode in args.modes:
             seconds = {}
             for patched in ("0", "1"):
+                case = [sys.executable, __file__, "--case", f"{unet_name},{mode},{patched}"]
+                case += ["--resolution", str(args.resolution)]
                 runs = [
                     float(
-                        subprocess.run(
-                            [sys.executable, __file__, "--case", f"{kind},{mode},{patched}"],
-                            check=True,
-                            capture_output=True,
-                            text=True,
-                            env=env,
-                        )
+                        subprocess.run(case, check=True, capture_output=True, text=True, env=env)
                         .stdout.strip()
                         .splitlines()[-1]
                     )
@@ -91,7 +114,8 @@ def main() -> None:
                 ]
                 seconds[patched] = statistics.median(runs)
             print(
-                f"| {kind} | {mode} | {seconds['0']:.1f} | {seconds['1']:.1f} | {seconds['1'] / seconds['0']:.2f}x |",
+                f"| {unet_name} | {mode} | {seconds['0']:.1f} | {seconds['1']:.1f} | "
+                f"{seconds['1'] / seconds['0']:.2f}x |",
                 flush=True,
             )
 
