@@ -198,6 +198,14 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _count_host_copies(monkeypatch) -> list:
+    """A list that gets an entry each time a patched UNet copies a timestep's storage to the host."""
+    copies = []
+    copy = HostTimesteps.copy
+    monkeypatch.setattr(HostTimesteps, "copy", lambda self, *a: copies.append(a) or copy(self, *a))
+    return copies
+
+
 def _pipeline_loop(unet, sample, kwargs, timesteps):
     """UNet calls as a pipeline makes them: one per element view of the scheduler's timesteps."""
     with torch.no_grad():
@@ -215,9 +223,7 @@ def test_patched_calls_add_no_host_sync_and_read_the_schedule_to_the_host_once(m
         plain.append(ops.syncs)
     agentsd.apply_patch(unet, ratio=0.4)
     expected = [_run(unet, sample, kwargs, t) for t in TIMESTEPS]  # fresh 0-d tensors, each copied alone
-    copies = []
-    copy = HostTimesteps.copy
-    monkeypatch.setattr(HostTimesteps, "copy", lambda self, *a: copies.append(a) or copy(self, *a))
+    copies = _count_host_copies(monkeypatch)
     for t, syncs, want in zip(timesteps, plain, expected, strict=True):
         with _CountOps() as ops:
             (out,) = _pipeline_loop(unet, sample, kwargs, [t])
@@ -237,9 +243,7 @@ def test_a_pipeline_copies_its_schedule_to_the_host_once_per_generation(kind, tm
     """diffusers' pipelines pass views of ``scheduler.timesteps`` (img2img: of a slice of it)."""
     pipe = tiny_pipeline(kind, tmp_path)
     agentsd.apply_patch(pipe, ratio=0.4)
-    copies = []
-    copy = HostTimesteps.copy
-    monkeypatch.setattr(HostTimesteps, "copy", lambda self, *a: copies.append(a) or copy(self, *a))
+    copies = _count_host_copies(monkeypatch)
     call = dict(prompt="a photo of a cat", num_inference_steps=4, output_type="np")
     if kind == "img2img":
         call["image"] = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
