@@ -68,8 +68,8 @@ class HostTimesteps:
     its offset: one read per schedule, none per call. The copy is keyed by the storage itself, held
     so that its memory cannot be handed to another tensor, and by the version counter that every
     in-place write bumps, so a rewritten or new schedule is read afresh. Tensors without a version
-    counter (made under ``torch.inference_mode``) and views of large buffers are read directly: one
-    read per call, as a plain ``float(timestep)``.
+    counter (made under ``torch.inference_mode``), tensor subclasses and views of large buffers are
+    read directly: one read per call, as a plain ``float(timestep)``.
 
     Attributes:
         storage: The storage copied to the host, or ``None``.
@@ -87,9 +87,10 @@ class HostTimesteps:
         """The value of ``timestep``'s first element (a Python number is returned as is)."""
         if not torch.is_tensor(timestep):
             return float(timestep)
+        if type(timestep) is not torch.Tensor or timestep.is_inference():  # subclasses: storage may not be theirs
+            return float(timestep.flatten()[0])
         storage = timestep.untyped_storage()
-        length = storage.nbytes() // timestep.element_size()
-        if timestep.is_inference() or length > MAX_HOST_COPY:
+        if storage.nbytes() // timestep.element_size() > MAX_HOST_COPY:
             return float(timestep.flatten()[0])
         if not self._holds(storage, timestep):
             self.copy(storage, timestep)

@@ -252,9 +252,13 @@ def test_a_pipeline_copies_its_schedule_to_the_host_once_per_generation(kind, tm
         assert len(copies) == generation  # set_timesteps makes a new tensor per generation
 
 
-@pytest.mark.parametrize("make", ["python-number", "inference-tensor", "batched-view"])
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("make", ["python-number", "inference-tensor", "tensor-subclass", "batched-view"])
 def test_a_timestep_of_any_form_picks_its_phase(make):
-    """Numbers and inference tensors are read directly (no host copy); a batched view at its offset."""
+    """Numbers, inference tensors and subclasses are read directly (no host copy); a batched view at its offset."""
     unet = tiny_unet("sd1").eval()
     sample, kwargs = _inputs("sd1")
     agentsd.apply_patch(unet, ratio=0.4)
@@ -265,6 +269,8 @@ def test_a_timestep_of_any_form_picks_its_phase(make):
         elif make == "inference-tensor":
             with torch.inference_mode():
                 timestep = torch.tensor([0, value])[1]
+        elif make == "tensor-subclass":
+            timestep = torch.tensor([7, value]).as_subclass(_TensorSubclass)[1]
         else:
             timestep = torch.tensor([7, value, value])[1:]
         with torch.no_grad():
