@@ -222,6 +222,7 @@ def test_patched_calls_add_no_host_sync_and_read_the_schedule_to_the_host_once(m
             _pipeline_loop(unet, sample, kwargs, [t])
         plain.append(ops.syncs)
     agentsd.apply_patch(unet, ratio=0.4)
+    assert len(agentsd.patch_summary(unet).blocks) == 3  # merging blocks, each free of syncs
     expected = [_run(unet, sample, kwargs, t) for t in TIMESTEPS]  # fresh 0-d tensors, each copied alone
     copies = _count_host_copies(monkeypatch)
     for t, syncs, want in zip(timesteps, plain, expected, strict=True):
