@@ -109,7 +109,7 @@ class HostTimesteps:
 
     def copy(self, storage: torch.UntypedStorage, timestep: torch.Tensor) -> None:
         """Copy ``storage``, the one behind ``timestep``, to the host: the one read of a schedule."""
-        whole = timestep.new_empty(0).set_(storage, 0, (storage.nbytes() // timestep.element_size(),))
+        whole = timestep.new_empty(0).set_(storage)  # the whole storage, as timestep's dtype
         self.storage, self.dtype, self.version = storage, timestep.dtype, timestep._version
         self.values = whole.tolist()
 
