@@ -33,6 +33,7 @@ FULL_SIZE = ("sd15", "sdxl")
 def one_case(unet_name: str, mode: str, patched: bool, resolution: int) -> float:
     """Seconds of compilation for one (UNet, mode, patched) case, in this process."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "eval")]
+    import speed
     import torch
     import torch._inductor.config as inductor_config
 
@@ -41,23 +42,17 @@ def one_case(unet_name: str, mode: str, patched: bool, resolution: int) -> float
     inductor_config.fx_graph_cache = False
     inductor_config.autotune_local_cache = False
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
     if unet_name in TINY:
-        from tiny import TEXT_DIM, tiny_unet
+        from tiny import tiny_unet
 
-        kind = TINY[unet_name]
-        unet = tiny_unet(kind).eval()
-        sample = torch.randn(2, 4, 16, 16, generator=g)
-        kwargs = {"encoder_hidden_states": torch.randn(2, 5, (2 if kind == "sdxl" else 1) * TEXT_DIM, generator=g)}
-        if kind == "sdxl":
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, TEXT_DIM), "time_ids": torch.randn(2, 6)}
+        unet, resolution = tiny_unet(TINY[unet_name]).eval(), 128  # a 16 x 16 latent
     else:
-        import speed
         from unet_configs import ARCHS
 
         unet = ARCHS[unet_name].build_unet()
-        sample = torch.randn(2, 4, resolution // 8, resolution // 8, generator=g)
-        kwargs = speed.unet_conditioning(unet, 2, resolution, g)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, resolution // 8, resolution // 8, generator=g)
+    kwargs = speed.unet_conditioning(unet, 2, resolution, g)
     if patched:
         agentsd.apply_patch(unet, ratio=0.4)
     if mode == "regional":
