@@ -3,8 +3,10 @@
     python benchmarks/compile_time.py                        # tiny SD 1.x and SDXL UNets of the tests
     python benchmarks/compile_time.py --unets sd15 sdxl      # full-size architectures, random weights
 
-Each case runs in a fresh process (no dynamo or inductor cache carried over: the FX graph and
-autotune caches are off), compiles with inductor, and reports the first calls at both phases (trace
+Each case runs in a fresh process with an empty inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``:
+the kernels compiled by an earlier run, which inductor keeps on disk across processes, would otherwise
+make a rerun several seconds faster than a user's first compile; the FX graph and autotune caches are
+off too), compiles with inductor, and reports the first calls at both phases (trace
 + compile + run) minus the same calls again (run), median of ``--repeats`` processes. The tiny UNets'
 compile time is all tracing and code generation, which is what a patch adds to; the full-size ones
 (``eval/unet_configs.py``, at ``--resolution``, which changes the run but not the code generated)
@@ -20,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,14 +102,12 @@ def main() -> None:
             for patched in ("0", "1"):
                 case = [sys.executable, __file__, "--case", f"{unet_name},{mode},{patched}"]
                 case += ["--resolution", str(args.resolution)]
-                runs = [
-                    float(
-                        subprocess.run(case, check=True, capture_output=True, text=True, env=env)
-                        .stdout.strip()
-                        .splitlines()[-1]
-                    )
-                    for _ in range(args.repeats)
-                ]
+                runs = []
+                for _ in range(args.repeats):
+                    with tempfile.TemporaryDirectory(prefix="agentsd-inductor-") as cache:
+                        cold = env | {"TORCHINDUCTOR_CACHE_DIR": cache}
+                        done = subprocess.run(case, check=True, capture_output=True, text=True, env=cold)
+                    runs.append(float(done.stdout.strip().splitlines()[-1]))
                 seconds[patched] = statistics.median(runs)
             print(
                 f"| {unet_name} | {mode} | {seconds['0']:.1f} | {seconds['1']:.1f} | "
