@@ -12,7 +12,7 @@ copies the merged token it went into), and the plan can be inspected in tests.
 
 Planning never waits for the device. Which tokens are destinations and which are sources
 (:class:`GridLayout`) depends only on the grid and a random key hashed from the seed, the timestep
-tensor and the block (:func:`draw_key`); :func:`plan_merge` then needs only dense, fixed-size tensor
+tensor and the block (:func:`draw_keys`); :func:`plan_merge` then needs only dense, fixed-size tensor
 operations on the block input: no ``nonzero()``, no ``.item()``, no branch on tensor values. Both
 compile with ``fullgraph=True``, export, and issue no host-device synchronisation on CUDA.
 
@@ -126,20 +126,26 @@ def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return (x >> 16) ^ x
 
 
-def draw_key(seed: int, timestep: torch.Tensor, block: int) -> torch.Tensor:
-    """The random key of one block's destinations at one UNet call: a 0-d int64 tensor.
+def draw_keys(seed: int, timestep: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The random keys of blocks ``0 .. num_blocks - 1``' destinations at one UNet call: [num_blocks] int64.
 
-    A counter-based draw instead of a reseeded generator: the key is a hash of (``seed``, the noise
-    level in thousandths of a timestep, ``block``), computed with integer tensor ops on
+    A counter-based draw instead of a reseeded generator: block ``i``'s key is a hash of (``seed``, the
+    noise level in thousandths of a timestep, ``i``), computed with integer tensor ops on
     ``timestep``'s device. Nothing is read back to the host and no generator state exists, so the
     draw is the same in eager mode, in a compiled graph and in an exported program, and a
-    generation is reproducible whatever ran before it.
+    generation is reproducible whatever ran before it. All the blocks' keys come from one tensor op:
+    in a compiled graph that is one small kernel, and no block's code holds a constant of its own
+    (a block number baked into each block's hash made inductor generate and compile every block's
+    merging code anew).
     """
-    # Python ints: both 32-bit halves of a 64-bit (two's complement) seed, and the block, mixed.
+    # Both 32-bit halves of a 64-bit (two's complement) seed, mixed as Python ints; then each block, on
+    # the device (a list of salts made into a tensor would be a host-to-device copy, a sync, per call).
     low, high = seed & _MASK32, (seed >> 32) & _MASK32
-    salt = int(_mix32((low * 0x85EBCA6B + high * 0x27D4EB2F + block * 0xC2B2AE35) & _MASK32))
+    seed_part = (low * 0x85EBCA6B + high * 0x27D4EB2F) & _MASK32
+    blocks = torch.arange(num_blocks, dtype=torch.int64, device=timestep.device)
+    salts = _mix32((seed_part + blocks * 0xC2B2AE35) & _MASK32)
     level = (timestep.to(torch.float32) * 1000).round().to(torch.int64)
-    return _mix32((level * _GOLDEN32 + salt) & _MASK32)
+    return _mix32((level * _GOLDEN32 + salts) & _MASK32)
 
 
 def destination_positions(
@@ -147,7 +153,7 @@ def destination_positions(
 ) -> torch.Tensor:
     """Flat grid positions of the destination tokens: one per full ``sx``-by-``sy`` cell.
 
-    With a ``key`` (:func:`draw_key`) each cell's destination is drawn uniformly from the cell by
+    With a ``key`` (one of :func:`draw_keys`) each cell's destination is drawn uniformly from the cell by
     hashing (key, cell index); without one it is the cell's top-left token. Tokens of a ragged
     right or bottom edge that no full cell covers are always sources.
     """

@@ -16,7 +16,7 @@ blocks run the chosen phase. Traced (``torch.compile(unet, fullgraph=True)``, ``
 is read: every merging stage holds all the phases as branches of a ``torch.cond`` on the timestep
 tensor, so one graph serves a whole generation, with no break, no recompilation and no host read.
 The random destinations are hashed from (seed, timestep, block) on the device
-(:func:`agentsd.merge.draw_key`) in both cases, so eager and traced calls plan alike.
+(:func:`agentsd.merge.draw_keys`) in both cases, so eager and traced calls plan alike.
 
 The UNet hook is the registry of everything that was changed: it keeps the hooks and forwards it added, so
 :func:`remove_patch` restores the model exactly. Since no processor is replaced,
@@ -39,7 +39,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import attend_merged, attention_call
 from .config import AgentSDConfig, Phase
-from .merge import GridLayout, MergePlan, draw_key, plan_merge
+from .merge import GridLayout, MergePlan, draw_keys, plan_merge
 
 logger = logging.getLogger("agentsd")
 
@@ -127,6 +127,7 @@ class UNetState:
         phase: The phase of this call when it is known on the host (eager calls), else ``None``
             (traced calls: the blocks choose on the device).
         use_rand: Whether this call draws random destinations (``config.use_rand`` and an even batch).
+        keys: This call's random keys, one per patched block (``None`` unless ``use_rand``).
         host_timesteps: Where eager calls look up the timestep's value without a device sync.
     """
 
@@ -137,6 +138,7 @@ class UNetState:
     timestep: torch.Tensor | None = None
     phase: Phase | None = None
     use_rand: bool = True
+    keys: torch.Tensor | None = None
     host_timesteps: HostTimesteps = field(default_factory=HostTimesteps)
 
     def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
@@ -147,6 +149,7 @@ class UNetState:
         # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
         # the two halves of a pair different plans, so use the fixed top-left ones.
         self.use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
+        self.keys = draw_keys(self.config.seed, self.timestep, len(self.blocks)) if self.use_rand else None
         # Eager, knowing the phase on the host saves every block from carrying all the phases; the
         # value comes from a host copy of the schedule, not from a read per call. Traced, there is no
         # read: see BlockState.run.
@@ -159,11 +162,11 @@ class UNetState:
         fixed: dict[tuple[int, int], GridLayout | None] = {}
         for block in self.blocks:
             if self.use_rand:
-                block.layout = block.make_layout(self.phase, self.timestep)
+                block.layout = block.make_layout(self.phase, block.random_key(), self.timestep.device)
             else:
                 grid = block.grid()
                 if grid not in fixed:
-                    fixed[grid] = block.make_layout(self.phase, self.timestep)
+                    fixed[grid] = block.make_layout(self.phase, None, self.timestep.device)
                 block.layout = fixed[grid]
 
 
@@ -238,13 +241,17 @@ class BlockState:
         h, w = (math.ceil(side / self.downsample) for side in self.unet.latent_size)
         return h, w
 
-    def make_layout(self, phase: Phase, timestep: torch.Tensor) -> GridLayout | None:
-        """Destinations and sources of this block's grid in ``phase``, or ``None`` if it merges nothing."""
+    def random_key(self) -> torch.Tensor | None:
+        """The key of this block's random destinations in the current call, or ``None`` for fixed ones."""
+        return self.unet.keys[self.index] if self.unet.keys is not None else None
+
+    def make_layout(self, phase: Phase, key: torch.Tensor | None, device: torch.device) -> GridLayout | None:
+        """Destinations and sources of this block's grid in ``phase`` (random from ``key``, else fixed),
+        or ``None`` if it merges nothing."""
         h, w = self.grid()
         if int(h * w * phase.ratio) <= 0:
             return None
-        key = draw_key(self.config.seed, timestep, self.index) if self.unet.use_rand else None
-        return GridLayout.draw(h, w, phase.sx, phase.sy, key, timestep.device)
+        return GridLayout.draw(h, w, phase.sx, phase.sy, key, device)
 
     def make_plan(self, phase: Phase, layout: GridLayout | None, metric: torch.Tensor) -> MergePlan | None:
         """The merge plan for block input ``metric`` [B, N, C] on ``layout`` in ``phase``.
@@ -290,13 +297,20 @@ class BlockState:
             return fn(plan, x)
         phases = self.config.phases
 
-        def branch(phase: Phase) -> Callable[..., torch.Tensor]:
-            return lambda x, metric, timestep: fn(self.make_plan(phase, self.make_layout(phase, timestep), metric), x)
+        # The key enters the branches as an operand, so that their code is the same for every block of
+        # a level (see draw_keys).
+        key = self.random_key()
 
-        timestep = self.unet.timestep
-        level = timestep / self.unet.num_train_timesteps
-        operands = (_cond_operand(x), _cond_operand(self.metric), timestep)
-        return _by_noise_level(level, phases, [branch(phase) for phase in phases], operands)
+        def branch(phase: Phase) -> Callable[..., torch.Tensor]:
+            def run_phase(x: torch.Tensor, metric: torch.Tensor, *key: torch.Tensor) -> torch.Tensor:
+                layout = self.make_layout(phase, key[0] if key else None, x.device)
+                return fn(self.make_plan(phase, layout, metric), x)
+
+            return run_phase
+
+        level = self.unet.timestep / self.unet.num_train_timesteps
+        operands = (_cond_operand(x), _cond_operand(self.metric), *([] if key is None else [key]))
+        return _by_noise_level(level, phases, [branch(phase) for phase in phases], tuple(operands))
 
 
 def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:

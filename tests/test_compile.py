@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
-from agentsd.merge import GridLayout, draw_key, plan_merge
+from agentsd.merge import GridLayout, draw_keys, plan_merge
 from agentsd.patch import HostTimesteps
 
 #: Two agent-phase steps, two ToMe-phase steps, then the agent phase again (recipe switch at t = 600).
@@ -131,6 +131,34 @@ def test_whole_model_compiles_to_one_graph_for_the_whole_generation(kind, patch_
     assert not counters["graph_break"]
     agentsd.remove_patch(unet)
     assert torch.allclose(_run(compiled, sample, kwargs, TIMESTEPS[0]), unpatched, atol=1e-6)
+
+
+def _canonical(graph: torch.fx.GraphModule) -> list[tuple]:
+    """A graph's ops and constants, with its nodes' names (which name each block's weights) left out."""
+    index = {node: i for i, node in enumerate(graph.graph.nodes)}
+    return [
+        (node.op, None if node.op == "placeholder" else str(node.target))
+        + tuple(torch.fx.node.map_arg((node.args, node.kwargs), lambda arg: index[arg]))
+        for node in graph.graph.nodes
+    ]
+
+
+def test_whole_model_branches_are_the_same_code_for_every_block_of_a_level():
+    """Inductor generates and compiles each block's ``torch.cond`` branches; when the blocks of a level
+    trace to the same code (no block number among their constants), their kernels are compiled once."""
+    unet = tiny_unet("sdxl").eval()  # its 8 patched blocks are all on one level
+    sample, kwargs = _inputs("sdxl")
+    agentsd.apply_patch(unet, ratio=0.4)
+    graphs = []
+    compiled = torch.compile(unet, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm) or gm)
+    _run(compiled, sample, kwargs, TIMESTEPS[0])
+    (graph,) = graphs
+    branches = {name: module for name, module in graph.named_children() if name.startswith("cond_")}
+    for side in ("cond_true_", "cond_false_"):
+        codes = [_canonical(module) for name, module in branches.items() if name.startswith(side)]
+        assert len(codes) == 8
+        assert all(code == codes[0] for code in codes), side
+    agentsd.remove_patch(unet)
 
 
 def test_whole_model_compile_survives_aot_autograd_with_every_stage_merged():
@@ -282,7 +310,7 @@ def test_a_timestep_of_any_form_picks_its_phase(make):
 @pytest.mark.parametrize("sx,agent_r", [(4, 60), (2, 0)], ids=["agents", "tome"])
 def test_plan_merge_compiles_fullgraph_with_the_same_plan(sx, agent_r):
     x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(0))
-    layout = GridLayout.draw(8, 8, sx, sx, draw_key(1, torch.tensor(981.0), 0))
+    layout = GridLayout.draw(8, 8, sx, sx, draw_keys(1, torch.tensor(981.0), 1)[0])
 
     def merged(metric):
         plan = plan_merge(metric, layout, r=25, agent_r=agent_r)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
-from agentsd.merge import GridLayout, best_destinations, destination_positions, draw_key, plan_merge
+from agentsd.merge import GridLayout, best_destinations, destination_positions, draw_keys, plan_merge
 
 
 def _key(seed, t=981, block=0):
-    return draw_key(seed, torch.tensor(float(t)), block)
+    return draw_keys(seed, torch.tensor(float(t)), block + 1)[block]
 
 
 def _plan(x, h, w, sx, sy, r, agent_r=0, key=None):
