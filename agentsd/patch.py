@@ -295,22 +295,21 @@ class BlockState:
             if stage == self.last_stage:
                 self.plan = None
             return fn(plan, x)
-        phases = self.config.phases
-
         # The key enters the branches as an operand, so that their code is the same for every block of
         # a level (see draw_keys).
         key = self.random_key()
+        operands = (_cond_operand(x), _cond_operand(self.metric)) + (() if key is None else (key,))
 
         def branch(phase: Phase) -> Callable[..., torch.Tensor]:
-            def run_phase(x: torch.Tensor, metric: torch.Tensor, *key: torch.Tensor) -> torch.Tensor:
-                layout = self.make_layout(phase, key[0] if key else None, x.device)
+            def run_phase(x: torch.Tensor, metric: torch.Tensor, *key_operand: torch.Tensor) -> torch.Tensor:
+                layout = self.make_layout(phase, key_operand[0] if key_operand else None, x.device)
                 return fn(self.make_plan(phase, layout, metric), x)
 
             return run_phase
 
+        phases = self.config.phases
         level = self.unet.timestep / self.unet.num_train_timesteps
-        operands = (_cond_operand(x), _cond_operand(self.metric), *([] if key is None else [key]))
-        return _by_noise_level(level, phases, [branch(phase) for phase in phases], tuple(operands))
+        return _by_noise_level(level, phases, [branch(phase) for phase in phases], operands)
 
 
 def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
