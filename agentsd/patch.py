@@ -126,8 +126,8 @@ class UNetState:
         timestep: This call's timestep, a 0-d float32 tensor on the model's device.
         phase: The phase of this call when it is known on the host (eager calls), else ``None``
             (traced calls: the blocks choose on the device).
-        use_rand: Whether this call draws random destinations (``config.use_rand`` and an even batch).
-        keys: This call's random keys, one per patched block (``None`` unless ``use_rand``).
+        keys: This call's random keys, one per patched block, or ``None`` when it draws the fixed
+            destinations (``config.use_rand`` off, or an odd batch).
         host_timesteps: Where eager calls look up the timestep's value without a device sync.
     """
 
@@ -137,7 +137,6 @@ class UNetState:
     latent_size: tuple[int, int] = (0, 0)
     timestep: torch.Tensor | None = None
     phase: Phase | None = None
-    use_rand: bool = True
     keys: torch.Tensor | None = None
     host_timesteps: HostTimesteps = field(default_factory=HostTimesteps)
 
@@ -148,8 +147,8 @@ class UNetState:
         self.latent_size = (sample.shape[-2], sample.shape[-1])
         # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
         # the two halves of a pair different plans, so use the fixed top-left ones.
-        self.use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
-        self.keys = draw_keys(self.config.seed, self.timestep, len(self.blocks)) if self.use_rand else None
+        use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
+        self.keys = draw_keys(self.config.seed, self.timestep, len(self.blocks)) if use_rand else None
         # Eager, knowing the phase on the host saves every block from carrying all the phases; the
         # value comes from a host copy of the schedule, not from a read per call. Traced, there is no
         # read: see BlockState.run.
@@ -161,7 +160,7 @@ class UNetState:
         # only tensors and values that are the same for every block of its level.
         fixed: dict[tuple[int, int], GridLayout | None] = {}
         for block in self.blocks:
-            if self.use_rand:
+            if self.keys is not None:
                 block.layout = block.make_layout(self.phase, block.random_key(), self.timestep.device)
             else:
                 grid = block.grid()
