@@ -112,7 +112,24 @@ class MergePlan:
 
 
 _MASK32 = 0xFFFFFFFF
-_GOLDEN32 = 0x9E3779B1  # 2**32 / golden ratio: spreads consecutive counters over the 32-bit range
+
+
+def _int32(value: int) -> int:
+    """``value``'s residue mod 2**32 as a signed 32-bit int (its two's-complement reading).
+
+    The hash is arithmetic mod 2**32 (every sum and product is masked with ``_MASK32``), so a
+    constant may be any member of its residue class. What is added to or multiplied with an
+    ``arange`` must be the signed one: inductor folds such arithmetic into the kernel's index
+    expression, which Triton evaluates in int32 and where a literal of 2**31 or more does not
+    compile ("Scalar 3266489909 is out of range for type int32", torch 2.11 on an H200); a product
+    that wraps there still has the right low 32 bits, which is all the mask keeps.
+    """
+    value &= _MASK32
+    return value - 2**32 if value >= 2**31 else value
+
+
+_GOLDEN32 = _int32(0x9E3779B1)  # 2**32 / golden ratio: spreads consecutive counters over the 32-bit range
+_BLOCK_SALT32 = _int32(0xC2B2AE35)
 
 
 def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
@@ -141,9 +158,9 @@ def draw_keys(seed: int, timestep: torch.Tensor, num_blocks: int) -> torch.Tenso
     # Both 32-bit halves of a 64-bit (two's complement) seed, mixed as Python ints; then each block, on
     # the device (a list of salts made into a tensor would be a host-to-device copy, a sync, per call).
     low, high = seed & _MASK32, (seed >> 32) & _MASK32
-    seed_part = (low * 0x85EBCA6B + high * 0x27D4EB2F) & _MASK32
+    seed_part = _int32(low * 0x85EBCA6B + high * 0x27D4EB2F)
     blocks = torch.arange(num_blocks, dtype=torch.int64, device=timestep.device)
-    salts = _mix32((seed_part + blocks * 0xC2B2AE35) & _MASK32)
+    salts = _mix32((seed_part + blocks * _BLOCK_SALT32) & _MASK32)
     level = (timestep.to(torch.float32) * 1000).round().to(torch.int64)
     return _mix32((level * _GOLDEN32 + salts) & _MASK32)
 

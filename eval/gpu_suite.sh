@@ -12,8 +12,8 @@
 # $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine);
 # SUITE=gpu-compile the whole UNet compiled with CUDA graphs (mode reduce-overhead) at 512/1024 px.
 # The suite is sized for about 7 minutes on one H100-class GPU (2048 px with 5 repeats, the rest
-# with 10); `timeout` stops it at 8 (results are written after every resolution, so a stopped run
-# keeps what it measured).
+# with 10); `timeout` stops it at 8 minutes, or at SUITE_TIMEOUT seconds if set (results are written
+# after every resolution, so a stopped run keeps what it measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels
@@ -42,4 +42,4 @@ mkdir -p "$OUT/gpu-suite"
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
 export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-timeout 480 "$PYTHON" eval/speed.py --suite "$SUITE" --out "$OUT/gpu-suite" 2>&1 | tee "$OUT/gpu-suite/log.txt"
+timeout "${SUITE_TIMEOUT:-480}" "$PYTHON" eval/speed.py --suite "$SUITE" --out "$OUT/gpu-suite" 2>&1 | tee "$OUT/gpu-suite/log.txt"

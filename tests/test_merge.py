@@ -66,6 +66,28 @@ def test_the_random_stream_is_pinned():
     assert draw_keys(-1, torch.tensor(1.0), 2).tolist() == [1102457793, 301698860]
 
 
+def test_hash_constants_compile_in_int32_index_arithmetic():
+    """Inductor folds sums and products of an ``arange`` with constants into the kernel's index, which
+    Triton evaluates in int32: a constant of 2**31 or more there does not compile (seen on an H200 with
+    torch 2.11, whole-model compile). Every add/mul constant in the traced hash must fit in int32."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def hash_ops(timestep: torch.Tensor) -> torch.Tensor:
+        keys = draw_keys(2**40 + 12345, timestep, 3)
+        return destination_positions(8, 8, 2, 2, keys[1], timestep.device)
+
+    graph = make_fx(hash_ops)(torch.tensor(981.0)).graph
+    constants = [
+        arg
+        for node in graph.nodes
+        if node.op == "call_function" and node.target.__name__.split(".")[0] in ("add", "mul", "sub")
+        for arg in node.args
+        if isinstance(arg, int)
+    ]
+    assert constants, "no constant seen: the trace changed shape"
+    assert all(-(2**31) <= c < 2**31 for c in constants), [c for c in constants if not -(2**31) <= c < 2**31]
+
+
 def test_keys_are_exact_integers_and_cells_draw_uniformly():
     """The hash stays in 32 bits, and over many cells every position of a 4 x 4 cell is drawn about
     equally often (a chi-square well inside its 99.9% bound for 15 degrees of freedom)."""
