@@ -175,6 +175,11 @@ _GPU_RUNS = (
 #: its top attention level (downsample 2). One run per size, cheapest first, so that every size's
 #: rows are written as soon as it is done; 2048 px with one timed call (a 2048 px SD 1.5 forward is
 #: about 11 min on 2 CPU cores).
+#: Whole-model compiled on a GPU, each method costs a minute of compiling per size (H200, torch 2.11):
+#: the gpu-compile suite keeps the ones its question needs (does AgentSD beat SD once launches are free?).
+#: tomesd is left out: its graph breaks leave CUDA graphs only pieces of the UNet.
+GPU_COMPILE_METHODS = ("sd", "todo", "agent-phase", "tome-phase")
+
 HIGHRES_METHODS = ("sd", "tomesd", "todo", "agent-phase", "tome-phase", "ceiling")
 _HIGHRES_XL_SKIPS = ("tomesd", "tome-phase")
 _HIGHRES_RUNS = (
@@ -218,18 +223,22 @@ SUITES: dict[str, Suite] = {
     ),
     "gpu-compile": Suite(
         "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), one forward of the "
-        "SD 1.5 architecture at 512/1024 px, each method alone on a fresh compile cache: sd, tomesd, todo, "
-        "AgentSD's two phases, ceiling, median of 10 after 3 warm-ups (CUDA graphs need the patched UNet "
-        "in one graph, as AgentSD's now is: tomesd's breaks split it); not part of the 8-minute gpu suite",
+        "SD 1.5 architecture, each method alone on a fresh compile cache: sd, todo, AgentSD's two phases at "
+        "512 px, sd, todo and the agent phase at 1024 px, median of 10 after 3 warm-ups (CUDA graphs need the "
+        "patched UNet in one graph, as AgentSD's now is); about a minute of compiling per method and size "
+        "on an H200, 8 minutes in all: a call of its own, not part of the gpu suite",
         {
-            "methods": list(GPU_METHODS),
+            "methods": list(GPU_COMPILE_METHODS),
             "dtype": "float16",
             "warmup": 3,
             "repeats": 10,
             "memory": True,
             "compiler_mode": "reduce-overhead",
         },
-        (Run("sd15", None, ("unet",), (512, 1024), compile="full", skip=_FORWARD_SKIPS),),
+        (
+            Run("sd15", None, ("unet",), (512,), compile="full", skip=_FORWARD_SKIPS),
+            Run("sd15", None, ("unet",), (1024,), compile="full", skip=(*_FORWARD_SKIPS, "tome-phase")),
+        ),
     ),
     "gpu-smoke": Suite(
         "the gpu suite's plan on the tiny architectures at 64 px, 2 steps, 1 timed call, compiled with "
@@ -897,6 +906,7 @@ def measure(
     compile_mode: str,
     progress: tqdm,
     estimate: Estimate,
+    measured: Callable[[dict[Variant, Measurement]], None] = lambda results: None,
 ) -> dict[Variant, Measurement]:
     """Warm up, time and measure the memory of every variant on one workload.
 
@@ -918,6 +928,9 @@ def measure(
     Peak memory is measured in the last warm-up call of an eager variant (its time only feeds the
     estimate), else in one extra untimed call (:func:`extra_memory_call`). After every timed call
     the machine's load average is recorded, and a busy machine is reported before the timed calls.
+
+    ``measured`` gets the results of the variants done so far after each one that runs alone (whole
+    model: a minute of compiling each on a GPU, so a run stopped at its time limit keeps those done).
     """
     results = {variant: Measurement() for variant in plan}
     compiled = compile_mode != "none"
@@ -1001,6 +1014,8 @@ def measure(
                     results[variant].peak_bytes = peak_memory(call_once, args.device)
                     estimate.add(workload.cost())
                     progress.update()
+        if len(groups) > 1:
+            measured({variant: results[variant] for variant in plan[:prepared]})
     return results
 
 
@@ -1109,7 +1124,8 @@ def measure_run(
     report: Callable[[list[Row]], None],
     later: float = 0.0,
 ) -> list[Row]:
-    """Every mode and resolution of one run; ``report`` gets the rows after each workload.
+    """Every mode and resolution of one run; ``report`` gets the rows after each workload (and, whole-model
+    compiled, after each method).
 
     ``later``: the a-priori seconds of the plan's later runs, for the adapted estimate (:class:`Estimate`).
     """
@@ -1131,11 +1147,18 @@ def measure_run(
     estimate = Estimate(f"{run.source}, compile {run.compile}", total, blocks, a_priori_rate(run, args), later)
     calls = args.warmup + args.repeats + int(extra_memory_call(args, run.compile))
     rows: list[Row] = []
+
+    def report_so_far(done: dict[Variant, Measurement], workload: Workload) -> None:
+        """The rows of the workloads done and of ``workload``'s methods done, once its baseline is."""
+        if any(variant.method.name == args.baseline for variant in done):
+            report(rows + rows_for(run, workload, done, args.baseline))
+
     progress = tqdm(total=sum(len(plans[w.mode]) for w in workloads) * calls, unit="call", file=sys.stderr)
     with torch.inference_mode(), progress:
         for workload in workloads:
             target, variants = targets[workload.mode], plans[workload.mode]
-            results = measure(workload, target, variants, args, run.compile, progress, estimate)
+            measured = functools.partial(report_so_far, workload=workload)
+            results = measure(workload, target, variants, args, run.compile, progress, estimate, measured)
             new = rows_for(run, workload, results, args.baseline)
             for warning in noise_warnings(new, CPUS):
                 progress.write(f"speed: WARNING: {warning}", file=sys.stderr)

@@ -251,6 +251,27 @@ def test_whole_model_compile(speed, tmp_path):
     assert [rows[0].graph_breaks, rows[2].graph_breaks] == [0, 0]  # AgentSD: one graph (phases as torch.cond)
 
 
+def test_whole_model_compile_writes_each_method_when_it_is_done(speed, tmp_path, monkeypatch):
+    """Whole-model compiled, each method compiles alone (a minute each on a GPU): a run stopped while
+    the third one compiles has already written the first two's rows."""
+    compile_unet = speed.compile_unet
+    calls = []
+
+    def stopped_at_the_third(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        compile_unet(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "compile_unet", stopped_at_the_third)
+    argv = ["--arch", "tiny", "--compile", "--compile-backend", "eager", "--methods", "sd", "agent-phase", "todo"]
+    argv += ["--resolutions", "64", "--repeats", "1", "--no-memory", "--threads", "1", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(argv)
+    results = json.loads((tmp_path / "speed.json").read_text())["results"]
+    assert [(r["method"], r["compile"]) for r in results] == [("sd", "full"), ("todo", "full")]  # the plan's order
+
+
 def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
     """--suite gpu-smoke: the gpu suite's runs (eager, pipeline, regional compilation; SD 1.5- and
     SDXL-like) on tiny models. Regional compilation tries fullgraph=True and says when a method
@@ -294,7 +315,9 @@ def test_highres_and_gpu_suites_plan_the_issues_tables(speed):
     gpu = speed.SUITES["gpu"]
     assert "todo" in gpu.settings["methods"]
     assert ("sd15", 2048) in {(run.arch, px) for run in gpu.runs for px in run.resolutions}
-    assert speed.SUITES["gpu-compile"].settings["compiler_mode"] == "reduce-overhead"
+    gpu_compile = speed.SUITES["gpu-compile"]
+    assert gpu_compile.settings["compiler_mode"] == "reduce-overhead"
+    assert [(run.resolutions, run.compile) for run in gpu_compile.runs] == [((512,), "full"), ((1024,), "full")]
 
     seen = {}
     unet = torch.nn.Linear(2, 2)
