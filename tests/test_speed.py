@@ -454,3 +454,20 @@ def test_forward_benchmark_times_knob_variants_of_the_whole_forward():
     ):
         refused = subprocess.run([*command, *bad], cwd=ROOT, env=env, capture_output=True, text=True)
         assert refused.returncode == 2 and message in refused.stderr
+
+
+def test_ops_benchmark_counts_what_each_method_adds_to_a_forward():
+    """benchmarks/ops.py: ATen operations of one forward per method, against the unpatched UNet's: the
+    ceiling skips attention (fewer), AgentSD's merging adds some; a bad resolution is refused first."""
+    command = [sys.executable, "benchmarks/ops.py", "--arch", "tiny", "--resolution", "64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [*command, "--methods", "ceiling", "agent-phase"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    assert list(rows) == ["sd", "ceiling", "agent-phase"]
+    assert rows["sd"][2] == "+0" and int(rows["ceiling"][2]) < 0 < int(rows["agent-phase"][2])
+    assert int(rows["agent-phase"][1]) == int(rows["sd"][1]) + int(rows["agent-phase"][2])
+    bad = subprocess.run([*command[:-1], "100"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "argument --resolution" in bad.stderr
