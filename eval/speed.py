@@ -158,6 +158,11 @@ GPU_METHODS = ("sd", "tomesd", "todo", "agentsd", "agent-phase", "tome-phase", "
 _FORWARD_SKIPS = ("agentsd",)
 _GENERATION_SKIPS = ("agent-phase", "tome-phase")
 
+#: Whole-model compiled on a GPU, each method costs a minute of compiling per size (H200, torch 2.11):
+#: the gpu-compile suite keeps the ones its question needs (does AgentSD beat SD once launches are free?).
+#: tomesd is left out: its graph breaks leave CUDA graphs only pieces of the UNet.
+GPU_COMPILE_METHODS = ("sd", "todo", "agent-phase", "tome-phase")
+
 # Cheapest and most asked-for first: every run's rows are written when it ends, so a run stopped
 # at the time limit keeps what it measured. 2048 px has its own run with fewer repeats (drop
 # repeats, not sizes: the suite must fit its 8 minutes).
@@ -175,11 +180,6 @@ _GPU_RUNS = (
 #: its top attention level (downsample 2). One run per size, cheapest first, so that every size's
 #: rows are written as soon as it is done; 2048 px with one timed call (a 2048 px SD 1.5 forward is
 #: about 11 min on 2 CPU cores).
-#: Whole-model compiled on a GPU, each method costs a minute of compiling per size (H200, torch 2.11):
-#: the gpu-compile suite keeps the ones its question needs (does AgentSD beat SD once launches are free?).
-#: tomesd is left out: its graph breaks leave CUDA graphs only pieces of the UNet.
-GPU_COMPILE_METHODS = ("sd", "todo", "agent-phase", "tome-phase")
-
 HIGHRES_METHODS = ("sd", "tomesd", "todo", "agent-phase", "tome-phase", "ceiling")
 _HIGHRES_XL_SKIPS = ("tomesd", "tome-phase")
 _HIGHRES_RUNS = (
@@ -214,7 +214,7 @@ SUITES: dict[str, Suite] = {
         (Run("sd15", None, ("hires",), (1024,), steps=20),),
     ),
     "gpu": Suite(
-        "one GPU, fp16, batch 2, in about 7 min: one forward of the SD 1.5 architecture at 512/768/1024 px "
+        "one GPU, fp16, batch 2, in about 5 min on an H200: one forward of the SD 1.5 architecture at 512/768/1024 px "
         "and of SDXL at 1024 px, eager and (1024 px) regionally compiled: sd, tomesd, todo, AgentSD's two "
         "phases, ceiling, median of 10 after 3 warm-ups; at 2048 px (SD 1.5), median of 5; a 20-step "
         "generation at 512/1024 px: sd, tomesd, todo, AgentSD's recipe, ceiling, median of 3; peak memory",
