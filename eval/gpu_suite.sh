@@ -12,8 +12,9 @@
 # $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine);
 # SUITE=gpu-compile the whole UNet compiled with CUDA graphs (mode reduce-overhead) at 512/1024 px
 # (about 8 minutes: a call of its own). The gpu suite took 5 minutes on one H200 (2026-11-30; 2048 px
-# with 5 repeats, the rest with 10); `timeout` stops it at 8 minutes, or at SUITE_TIMEOUT seconds if set (results are written
-# after every resolution, so a stopped run keeps what it measured).
+# with 5 repeats, the rest with 10). `timeout` stops either at 8 minutes, or at SUITE_TIMEOUT seconds
+# if set; results are written after every resolution (whole-model compiled: after every method), so
+# a stopped run keeps what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.wheels

@@ -929,8 +929,9 @@ def measure(
     estimate), else in one extra untimed call (:func:`extra_memory_call`). After every timed call
     the machine's load average is recorded, and a busy machine is reported before the timed calls.
 
-    ``measured`` gets the results of the variants done so far after each one that runs alone (whole
-    model: a minute of compiling each on a GPU, so a run stopped at its time limit keeps those done).
+    ``measured`` gets the results of the variants done so far after each one that runs alone but the
+    last (whole model: a minute of compiling each on a GPU, so a run stopped at its time limit keeps
+    those done).
     """
     results = {variant: Measurement() for variant in plan}
     compiled = compile_mode != "none"
@@ -1014,7 +1015,7 @@ def measure(
                     results[variant].peak_bytes = peak_memory(call_once, args.device)
                     estimate.add(workload.cost())
                     progress.update()
-        if len(groups) > 1:
+        if len(groups) > 1 and prepared < len(plan):  # after the last, the caller reports the whole workload
             measured({variant: results[variant] for variant in plan[:prepared]})
     return results
 
