@@ -26,15 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-#: Sources are scored against destinations in row blocks of this many tokens, so that the full
-#: [B, N_src, N_dst] similarity matrix (400 MB at 16k tokens) never exists at once.
+#: Sources are scored against destinations in blocks of rows, so that a large [B, N_src, N_dst]
+#: similarity matrix (400 MB at 16k tokens) never exists at once: a block holds up to
+#: ``SCORE_ELEMENTS`` scores (32 MiB in float32), and at least ``SCORE_BLOCK`` rows. Smaller matrices
+#: (the recipe's at 512 px) are scored whole. Fewer blocks cost the same on the CPU, and each block
+#: is four ops of host time on a GPU in eager mode, whatever its size.
+SCORE_ELEMENTS = 1 << 23
 SCORE_BLOCK = 1024
-
-
-def _rows(index: torch.Tensor, tokens_per_sample: int) -> torch.Tensor:
-    """[B, M] per-sample token indices -> [B * M] rows of the flattened [B * tokens_per_sample, C] features."""
-    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * tokens_per_sample
-    return (index + offsets).flatten()
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class TokenMerge:
         merged = rows.index_select(0, self.keep_rows)
         merged.index_add_(0, self.dst_rows, rows.index_select(0, self.src_rows))
         merged = merged.view(batch, self.num_merged, channels)
-        merged[:, merged.shape[1] - self.dst_count.shape[1] :] /= self.dst_count
+        merged[:, merged.shape[1] - self.dst_count.shape[1] :].div_(self.dst_count)
         return merged
 
 
@@ -172,17 +170,19 @@ def destination_positions(
 
     With a ``key`` (one of :func:`draw_keys`) each cell's destination is drawn uniformly from the cell by
     hashing (key, cell index); without one it is the cell's top-left token. Tokens of a ragged
-    right or bottom edge that no full cell covers are always sources.
+    right or bottom edge that no full cell covers are always sources. ``key`` may hold several keys
+    (any shape K): the result is then [*K, D], one row of destinations per key, from the same ops.
     """
     cells_y, cells_x = h // sy, w // sx
     if key is None:
         offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
     else:
         cells = torch.arange(cells_y * cells_x, dtype=torch.long, device=device)
-        offset = (_mix32((key.to(device) + cells * _GOLDEN32) & _MASK32) % (sy * sx)).view(cells_y, cells_x)
+        mixed = _mix32((key.to(device).unsqueeze(-1) + cells * _GOLDEN32) & _MASK32)
+        offset = (mixed % (sy * sx)).unflatten(-1, (cells_y, cells_x))
     rows = torch.arange(cells_y, device=device).unsqueeze(1) * sy + offset // sx
     cols = torch.arange(cells_x, device=device).unsqueeze(0) * sx + offset % sx
-    return (rows * w + cols).flatten()
+    return (rows * w + cols).flatten(-2)
 
 
 @dataclass(frozen=True)
@@ -216,29 +216,55 @@ class GridLayout:
         """The layout of an ``h``-by-``w`` grid with ``sx``-by-``sy`` cells (see :func:`destination_positions`)."""
         if device is None:
             device = key.device if key is not None else torch.device("cpu")
-        drawn = destination_positions(h, w, sx, sy, key, device)
-        # A stable sort of the destination flags lists the sources, then the destinations, each in
-        # ascending order, without `nonzero()`, whose data-dependent size would stall the device.
-        # Both are taken from the sort's output: a compiler then computes the hash behind `drawn`
-        # once, where it would otherwise inline it into every kernel that indexes by a destination
-        # (inductor: the tiny SD 1.x UNet compiled whole in 43 s instead of 68).
-        is_dst = torch.zeros(h * w, dtype=torch.uint8, device=device).index_fill_(0, drawn, 1)
-        order = is_dst.argsort(stable=True)
-        num_src = h * w - drawn.shape[0]
-        return cls(dst_pos=order[num_src:], src_pos=order[:num_src])
+        return cls(*_split_grid(h * w, destination_positions(h, w, sx, sy, key, device)))
+
+    @classmethod
+    def draw_each(cls, h: int, w: int, sx: int, sy: int, keys: torch.Tensor) -> list[GridLayout]:
+        """One layout per key of ``keys`` [K], all drawn by one set of tensor ops.
+
+        The same layouts as :meth:`draw` with each key, at the cost of one: the blocks of a level share
+        their grid, and on a GPU in eager mode every op is host time (about 35 ops per layout).
+        """
+        dst_pos, src_pos = _split_grid(h * w, destination_positions(h, w, sx, sy, keys, keys.device))
+        return [cls(dst, src) for dst, src in zip(dst_pos.unbind(0), src_pos.unbind(0))]
+
+
+def _split_grid(num_tokens: int, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(destination, source) positions, each ascending, of grids of ``num_tokens`` whose
+    destinations are ``drawn`` [..., D] (any order).
+
+    A stable sort of the destination flags lists the sources, then the destinations, each in
+    ascending order, without ``nonzero()``, whose data-dependent size would stall the device. Both
+    are taken from the sort's output: a compiler then computes the hash behind ``drawn`` once, where
+    it would otherwise inline it into every kernel that indexes by a destination (inductor: the tiny
+    SD 1.x UNet compiled whole in 43 s instead of 68).
+    """
+    flags = torch.zeros(*drawn.shape[:-1], num_tokens, dtype=torch.uint8, device=drawn.device)
+    order = flags.scatter_(-1, drawn, 1).argsort(dim=-1, stable=True)
+    num_src = num_tokens - drawn.shape[-1]
+    return order[..., num_src:], order[..., :num_src]
+
+
+def score_rows(batch: int, num_dst: int) -> int:
+    """Sources scored per block against ``num_dst`` destinations (see ``SCORE_ELEMENTS``)."""
+    return max(SCORE_BLOCK, SCORE_ELEMENTS // max(batch * num_dst, 1))
 
 
 def best_destinations(
-    src: torch.Tensor, dst: torch.Tensor, block: int = SCORE_BLOCK
+    src: torch.Tensor, dst: torch.Tensor, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source row, the best cosine-similarity score over destinations and its index.
 
     ``src`` [B, S, C] and ``dst`` [B, D, C] must already be L2-normalised. Rows are scored in
-    blocks, which gives the same result as one big matrix product while keeping the working set in
-    cache.
+    blocks of ``block`` (default :func:`score_rows`), which gives the same result as one big matrix
+    product while bounding its memory.
     """
-    scores, index = [], []
     dst_t = dst.transpose(1, 2)
+    block = block or score_rows(dst.shape[0], dst.shape[1])
+    if src.shape[1] <= block:
+        best = torch.bmm(src, dst_t).max(dim=-1)
+        return best.values, best.indices
+    scores, index = [], []
     for start in range(0, src.shape[1], block):
         best = torch.bmm(src[:, start : start + block], dst_t).max(dim=-1)
         scores.append(best.values)
@@ -246,28 +272,35 @@ def best_destinations(
     return torch.cat(scores, dim=1), torch.cat(index, dim=1)
 
 
-def _cut(ranking: torch.Tensor, best_dst: torch.Tensor, layout: GridLayout, r: int) -> TokenMerge:
+def _cut(
+    ranked_rows: torch.Tensor, ranked_dst: torch.Tensor, dst_rows: torch.Tensor, sample: torch.Tensor, r: int
+) -> TokenMerge:
     """The merge that averages the ``r`` top-ranked sources into their best destinations.
 
-    Every index is gathered with ``index_select`` / ``gather`` on flat or per-row tensors: advanced
-    indexing with 2-D index tensors is several times slower on the CPU for the same result.
+    Args:
+        ranked_rows: [B, S] input row of every source, best-matched first.
+        ranked_dst: [B, S] index of each of those sources' best destination.
+        dst_rows: [B, D] input row of every destination.
+        sample: [B, 1] sample numbers, to offset a sample's merged rows.
+        r: Sources to merge away.
+
+    Everything per sample is computed once by :func:`plan_merge` and both cuts slice it: each op
+    costs host time on a GPU in eager mode whatever its size.
     """
-    batch, num_src = ranking.shape
-    num_dst = layout.dst_pos.shape[0]
-    num_tokens, num_merged = num_src + num_dst, num_src + num_dst - r
-    merged, kept = ranking[:, :r], ranking[:, r:]
-    kept_pos = layout.src_pos.index_select(0, kept.flatten()).view(batch, num_src - r)
-    keep_idx = torch.cat([kept_pos, layout.dst_pos.expand(batch, -1)], dim=1)
-    dst_of_src = best_dst.gather(1, merged)
-    dst_count = torch.ones(batch, num_dst, device=ranking.device).scatter_add_(
-        1, dst_of_src, torch.ones(dst_of_src.shape, device=ranking.device)
+    batch, num_src = ranked_rows.shape
+    num_dst = dst_rows.shape[1]
+    num_merged = num_src + num_dst - r
+    dst_of_src = ranked_dst[:, :r]
+    dst_count = torch.ones(batch, num_dst, device=dst_rows.device).scatter_add_(
+        1, dst_of_src, torch.ones(dst_of_src.shape, device=dst_rows.device)
     )
     return TokenMerge(
-        keep_rows=_rows(keep_idx, num_tokens),
-        src_rows=_rows(layout.src_pos.index_select(0, merged.flatten()).view(batch, r), num_tokens),
-        dst_rows=_rows(dst_of_src + (num_src - r), num_merged),
+        keep_rows=torch.cat([ranked_rows[:, r:], dst_rows], dim=1).flatten(),
+        src_rows=ranked_rows[:, :r].flatten(),
+        # The destinations follow the num_src - r kept sources in a sample's merged sequence.
+        dst_rows=(dst_of_src + (sample * num_merged + (num_src - r))).flatten(),
         dst_count=dst_count.unsqueeze(-1),
-        num_tokens=num_tokens,
+        num_tokens=num_src + num_dst,
     )
 
 
@@ -302,8 +335,15 @@ def plan_merge(metric: torch.Tensor, layout: GridLayout, r: int, agent_r: int = 
         best_score, best_dst = best_destinations(src, dst)
         # One full ranking serves both cuts: its top r and top agent_r are the two merged sets.
         ranking = best_score.argsort(dim=-1, descending=True)
-        tokens = _cut(ranking, best_dst, layout, r)
+        # Once for both cuts: the input rows of the ranked sources and of the destinations (see TokenMerge).
+        batch = metric.shape[0]
+        sample = torch.arange(batch, device=metric.device).unsqueeze(1)
+        first_row = sample * num_tokens
+        ranked_rows = layout.src_pos.index_select(0, ranking.flatten()).view(batch, num_src) + first_row
+        ranked_dst = best_dst.gather(1, ranking)
+        dst_rows = layout.dst_pos + first_row
+        tokens = _cut(ranked_rows, ranked_dst, dst_rows, sample, r)
         has_agents = (num_tokens - agent_r) * 2 < num_tokens - r
-        agents = _cut(ranking, best_dst, layout, agent_r) if has_agents else None
+        agents = _cut(ranked_rows, ranked_dst, dst_rows, sample, agent_r) if has_agents else None
         # Only the attention tokens are unmerged; the agents never are.
         return MergePlan(tokens=tokens, agents=agents, unmerge_rows=tokens.unmerge_rows())

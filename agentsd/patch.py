@@ -156,17 +156,44 @@ class UNetState:
             self.phase = None
             return
         self.phase = self.config.phase_at(self.host_timesteps.first_value(timestep), self.num_train_timesteps)
-        # The layouts are drawn here, outside the blocks, so that a regionally compiled block sees
-        # only tensors and values that are the same for every block of its level.
+        self.draw_layouts(self.phase)
+
+    def draw_layouts(self, phase: Phase) -> None:
+        """Give every block its layout in ``phase``, drawn here, outside the blocks, so that a
+        regionally compiled block sees only tensors and values that are the same for every block of
+        its level.
+
+        Blocks that run one after another at one level share a grid: their layouts are drawn together,
+        by one set of ops (each op is host time on a GPU in eager mode), from their slice of the keys.
+        Fixed layouts are drawn once per grid.
+        """
+        device = self.timestep.device
         fixed: dict[tuple[int, int], GridLayout | None] = {}
-        for block in self.blocks:
-            if self.keys is not None:
-                block.layout = block.make_layout(self.phase, block.random_key(), self.timestep.device)
-            else:
-                grid = block.grid()
+        for run in _runs_at_one_level(self.blocks):
+            first = run[0]
+            grid = first.grid()
+            if not first.merges_any(phase):
+                layouts: list[GridLayout | None] = [None] * len(run)
+            elif self.keys is None:
                 if grid not in fixed:
-                    fixed[grid] = block.make_layout(self.phase, None, self.timestep.device)
-                block.layout = fixed[grid]
+                    fixed[grid] = GridLayout.draw(*grid, phase.sx, phase.sy, device=device)
+                layouts = [fixed[grid]] * len(run)
+            else:
+                keys = self.keys[first.index : first.index + len(run)]
+                layouts = GridLayout.draw_each(*grid, phase.sx, phase.sy, keys)
+            for block, layout in zip(run, layouts):
+                block.layout = layout
+
+
+def _runs_at_one_level(blocks: list[BlockState]) -> list[list[BlockState]]:
+    """``blocks`` (in the order they run) cut into runs of consecutive blocks at one level."""
+    runs: list[list[BlockState]] = []
+    for block in blocks:
+        if runs and runs[-1][-1].downsample == block.downsample:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return runs
 
 
 try:  # registers torch.ops.prims.inductor_force_stride_order, private to inductor but with an eager kernel
@@ -244,13 +271,15 @@ class BlockState:
         """The key of this block's random destinations in the current call, or ``None`` for fixed ones."""
         return self.unet.keys[self.index] if self.unet.keys is not None else None
 
+    def merges_any(self, phase: Phase) -> bool:
+        """Whether ``phase`` merges any of this block's tokens in the current call."""
+        h, w = self.grid()
+        return int(h * w * phase.ratio) > 0
+
     def make_layout(self, phase: Phase, key: torch.Tensor | None, device: torch.device) -> GridLayout | None:
         """Destinations and sources of this block's grid in ``phase`` (random from ``key``, else fixed),
         or ``None`` if it merges nothing."""
-        h, w = self.grid()
-        if int(h * w * phase.ratio) <= 0:
-            return None
-        return GridLayout.draw(h, w, phase.sx, phase.sy, key, device)
+        return GridLayout.draw(*self.grid(), phase.sx, phase.sy, key, device) if self.merges_any(phase) else None
 
     def make_plan(self, phase: Phase, layout: GridLayout | None, metric: torch.Tensor) -> MergePlan | None:
         """The merge plan for block input ``metric`` [B, N, C] on ``layout`` in ``phase``.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from dispatch import SYNCING, CountOps
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 from torch._dynamo.utils import counters
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import agentsd
 from agentsd.merge import GridLayout, draw_keys, plan_merge
@@ -182,7 +182,7 @@ def test_torch_export_gives_the_eager_output_at_both_phases_with_no_host_read(st
         program = torch.export.export(unet, (sample, torch.tensor(981.0)), kwargs, strict=strict)
     ops = {getattr(node.target, "__name__", str(node.target)) for node in program.graph.nodes}
     assert "cond" in ops
-    assert not [op for op in ops if op.split(".")[0] in _CountOps.SYNCING]
+    assert not [op for op in ops if op.split(".")[0] in SYNCING]
     for t, expected in eager.items():
         with torch.no_grad():
             out = program.module()(sample, torch.tensor(float(t)), **kwargs).sample
@@ -211,21 +211,6 @@ def test_compiled_generation_stays_close_to_eager(tmp_path):
     assert not counters["graph_break"]
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the aten operators that make the host wait for the device's values."""
-
-    SYNCING = ("_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "unique")
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.SYNCING:
-            self.syncs.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def _count_host_copies(monkeypatch) -> list:
     """A list that gets an entry each time a patched UNet copies a timestep's storage to the host."""
     copies = []
@@ -246,7 +231,7 @@ def test_patched_calls_add_no_host_sync_and_read_the_schedule_to_the_host_once(m
     timesteps = torch.tensor(TIMESTEPS)
     plain = []
     for t in timesteps:
-        with _CountOps() as ops:
+        with CountOps() as ops:
             _pipeline_loop(unet, sample, kwargs, [t])
         plain.append(ops.syncs)
     agentsd.apply_patch(unet, ratio=0.4)
@@ -254,7 +239,7 @@ def test_patched_calls_add_no_host_sync_and_read_the_schedule_to_the_host_once(m
     expected = [_run(unet, sample, kwargs, t) for t in TIMESTEPS]  # fresh 0-d tensors, each copied alone
     copies = _count_host_copies(monkeypatch)
     for t, syncs, want in zip(timesteps, plain, expected, strict=True):
-        with _CountOps() as ops:
+        with CountOps() as ops:
             (out,) = _pipeline_loop(unet, sample, kwargs, [t])
         assert ops.syncs == syncs, int(t)  # nothing beyond what the unpatched UNet does itself
         assert torch.equal(out, want), int(t)  # the phase and destinations of that timestep

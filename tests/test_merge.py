@@ -60,6 +60,17 @@ def test_random_destinations_follow_the_key_only():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("h,w,sx,sy", [(8, 8, 2, 2), (7, 10, 3, 2), (16, 16, 4, 4)])
+def test_layouts_drawn_together_are_each_keys_own_layout(h, w, sx, sy):
+    keys = draw_keys(3, torch.tensor(981.0), 4)
+    together = GridLayout.draw_each(h, w, sx, sy, keys)
+    assert len(together) == 4
+    for key, layout in zip(keys, together, strict=True):
+        alone = GridLayout.draw(h, w, sx, sy, key)
+        assert torch.equal(layout.dst_pos, alone.dst_pos) and torch.equal(layout.src_pos, alone.src_pos)
+    assert not torch.equal(together[0].dst_pos, together[1].dst_pos)
+
+
 def test_the_random_stream_is_pinned():
     """``use_rand`` images depend on these numbers: a change to the hash is a change users see (CHANGELOG)."""
     assert draw_keys(0, torch.tensor(981.0), 3).tolist() == [1141418161, 2779721318, 1542152412]
