@@ -1,6 +1,6 @@
 """Cost of planning one block's merge, this checkout against an earlier revision, on the CPU.
 
-    python benchmarks/plan_merge.py --before 2db1f3a
+    python benchmarks/plan_merge.py --before 13290ca
 
 Per block and UNet call, planning is: draw the grid layout (destinations, sources) and plan the
 merge from the block input. Both revisions do the same work with the same seeded draws (their plans
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from agentsd.merge import GridLayout, plan_merge
+from agentsd.merge import GridLayout, draw_keys, plan_merge
 
 PHASES = {"agent phase (sx=sy=4, agent_ratio 0.95)": (4, 0.95), "ToMe phase (sx=sy=2)": (2, 0.5)}
 SIDES = (64, 96, 128)  # 4,096 / 9,216 / 16,384 tokens: 512 / 768 / 1024 px
@@ -43,19 +43,20 @@ def load_revision(revision: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, help="git revision to compare with (e.g. 2db1f3a)")
+    parser.add_argument("--before", required=True, help="git revision to compare with (since 6072b85; e.g. 13290ca)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant (default 20)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     before = load_revision(args.before)
 
+    key = draw_keys(0, torch.tensor(981.0), 1)[0]
+
     def old(x, side, sx, r, agent_r):
-        return before.plan_merge(x, side, side, sx, sx, r, agent_r, None)  # top-left destinations: no random draw
+        return before.plan_merge(x, before.GridLayout.draw(side, side, sx, sx, key), r, agent_r)
 
     def new(x, side, sx, r, agent_r):
-        layout = GridLayout.draw(side, side, sx, sx)
-        return plan_merge(x, layout, r, agent_r)
+        return plan_merge(x, GridLayout.draw(side, side, sx, sx, key), r, agent_r)
 
     print("| phase | tokens | before (ms) | after (ms) | speed-up |\n|---|---|---|---|---|")
     for phase, (sx, agent_ratio) in PHASES.items():
