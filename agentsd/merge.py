@@ -30,7 +30,7 @@ import torch
 #: [B, N_src, N_dst] similarity matrix (400 MB at 16k tokens) never exists at once and each block's
 #: scores stay in cache (on the CPU, 4,096-row blocks took 1.3x as long at 1024 px). A matrix of up to
 #: ``SCORE_ELEMENTS`` scores (32 MiB in float32: the recipe's at 512 px) is scored whole: as fast on
-#: the CPU, and 11 fewer ops per plan, each of them host time on a GPU in eager mode.
+#: the CPU, and up to 11 fewer ops per plan, each of them host time on a GPU in eager mode.
 SCORE_BLOCK = 1024
 SCORE_ELEMENTS = 1 << 23
 

@@ -168,7 +168,7 @@ class UNetState:
         Fixed layouts are drawn once per grid.
         """
         device = self.timestep.device
-        fixed: dict[tuple[int, int], GridLayout | None] = {}
+        fixed: dict[tuple[int, int], GridLayout] = {}
         for run in _runs_at_one_level(self.blocks):
             first = run[0]
             grid = first.grid()

@@ -225,8 +225,9 @@ SUITES: dict[str, Suite] = {
         "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), one forward of the "
         "SD 1.5 architecture, each method alone on a fresh compile cache: sd, todo, AgentSD's two phases at "
         "512 px, sd, todo and the agent phase at 1024 px, median of 10 after 3 warm-ups (CUDA graphs need the "
-        "patched UNet in one graph, as AgentSD's now is); about a minute of compiling per method and size "
-        "on an H200, 8 minutes in all: a call of its own, not part of the gpu suite",
+        "patched UNet in one graph, as AgentSD's now is); first, the same methods eager at 512/1024 px (a few "
+        "seconds: the eager baseline of the same session); about a minute of compiling per method and size "
+        "on an H200, 8.5 minutes in all: a call of its own, not part of the gpu suite",
         {
             "methods": list(GPU_COMPILE_METHODS),
             "dtype": "float16",
@@ -236,6 +237,7 @@ SUITES: dict[str, Suite] = {
             "compiler_mode": "reduce-overhead",
         },
         (
+            Run("sd15", None, ("unet",), (512, 1024), skip=_FORWARD_SKIPS),
             Run("sd15", None, ("unet",), (512,), compile="full", skip=_FORWARD_SKIPS),
             Run("sd15", None, ("unet",), (1024,), compile="full", skip=(*_FORWARD_SKIPS, "tome-phase")),
         ),
