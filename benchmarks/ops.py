@@ -16,29 +16,17 @@ import argparse
 import collections
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "eval"), str(ROOT / "tests")]
 import speed  # noqa: E402
 from methods import METHODS  # noqa: E402
+from op_counter import CountOps  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 RATIO = 0.4
-
-
-class CountOps(TorchDispatchMode):
-    """Counts every ATen operation dispatched while active, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:

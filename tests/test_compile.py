@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from dispatch import SYNCING, CountOps
+from op_counter import SYNCING, CountOps
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 from torch._dynamo.utils import counters
 

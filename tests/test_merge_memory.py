@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from dispatch import CountOps
+from op_counter import CountOps
 from tiny import tiny_unet
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves

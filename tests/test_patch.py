@@ -4,7 +4,7 @@ import pytest
 import tomesd
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from dispatch import CountOps
+from op_counter import CountOps
 from reference import ReferenceAgentSD
 from tiny import tiny_scheduler, tiny_unet
 

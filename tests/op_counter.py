@@ -1,4 +1,5 @@
-"""Counting the aten operations that run under a ``TorchDispatchMode``: what tests see of the host's work."""
+"""Counting the aten operations that run under a ``TorchDispatchMode``: what the tests and
+``benchmarks/ops.py`` see of the host's work."""
 
 from __future__ import annotations
 
