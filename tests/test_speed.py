@@ -322,6 +322,9 @@ def test_highres_and_gpu_suites_plan_the_issues_tables(speed):
         ((512,), "full"),
         ((1024,), "full"),
     ]
+    # Compiled whole, the recipe (a torch.cond per block) and its agent phase (none) differ: both at 512 px.
+    methods = set(gpu_compile.settings["methods"])
+    assert {"agentsd", "agent-phase"} <= methods and "agentsd" not in gpu_compile.runs[1].skip
 
     seen = {}
     unet = torch.nn.Linear(2, 2)
