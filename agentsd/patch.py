@@ -168,19 +168,20 @@ class UNetState:
         Fixed layouts are drawn once per grid.
         """
         device = self.timestep.device
-        fixed: dict[tuple[int, int], GridLayout] = {}
+        fixed: dict[tuple[int, int], GridLayout | None] = {}
         for run in _runs_at_one_level(self.blocks):
             first = run[0]
-            grid = first.grid()
-            if not first.merges_any(phase):
-                layouts: list[GridLayout | None] = [None] * len(run)
-            elif self.keys is None:
+            layouts: list[GridLayout | None]
+            if self.keys is None:
+                grid = first.grid()
                 if grid not in fixed:
-                    fixed[grid] = GridLayout.draw(*grid, phase.sx, phase.sy, device=device)
+                    fixed[grid] = first.make_layout(phase, None, device)
                 layouts = [fixed[grid]] * len(run)
-            else:
+            elif first.merges_any(phase):
                 keys = self.keys[first.index : first.index + len(run)]
-                layouts = GridLayout.draw_each(*grid, phase.sx, phase.sy, keys)
+                layouts = GridLayout.draw_each(*first.grid(), phase.sx, phase.sy, keys)
+            else:
+                layouts = [None] * len(run)
             for block, layout in zip(run, layouts):
                 block.layout = layout
 
