@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,22 @@ if TYPE_CHECKING:
 
     from .config import AgentSDConfig
     from .merge import MergePlan
+
+
+class AgentSettings(NamedTuple):
+    """The settings of agent attention, from an :class:`~agentsd.AgentSDConfig`.
+
+    A tuple of numbers rather than the configuration object, so that a traced stage can take it as
+    plain constants (see ``agentsd.patch.StageCall``).
+    """
+
+    k_scale2: float
+    k_shortcut: float
+    upcast: bool
+
+    @classmethod
+    def of(cls, config: AgentSDConfig) -> AgentSettings:
+        return cls(config.k_scale2, config.k_shortcut, config.attn_precision == "fp32")
 
 
 def agent_attention(
@@ -98,28 +114,27 @@ def holds_weights(processor: object) -> bool:
 
 
 def agent_self_attention(
-    attn: Attention, x: torch.Tensor, agent_tokens: torch.Tensor, config: AgentSDConfig
+    attn: Attention, x: torch.Tensor, agent_tokens: torch.Tensor, agents: AgentSettings
 ) -> torch.Tensor:
     """Self-attention of layer ``attn`` for tokens ``x`` [B, M, C] through ``agent_tokens`` [B, A, C].
 
     The projections, the optional q/k norms and ``to_out`` are the layer's own; the agents'
     queries are the layer's queries of the agent tokens.
     """
-    q, agents = layer_queries(attn, x), layer_queries(attn, agent_tokens)
+    q, agent_queries = layer_queries(attn, x), layer_queries(attn, agent_tokens)
     k, v = layer_keys_values(attn, x)
-    out = agent_attention(q, k, v, agents, config.k_scale2, config.k_shortcut, upcast=config.attn_precision == "fp32")
+    out = agent_attention(q, k, v, agent_queries, agents.k_scale2, agents.k_shortcut, upcast=agents.upcast)
     return layer_output(attn, out, x)
 
 
-def attention_call(
-    attn: Attention, args: tuple, kwargs: dict[str, Any]
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], bool]:
-    """Layer ``attn``'s forward as a function of new hidden states, and whether it is plain self-attention.
+def processor_kwargs(attn: Attention, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The keywords that layer ``attn``'s processor is called with for a call ``attn(x, *args, **kwargs)``,
+    and whether that call is plain self-attention.
 
-    The function calls the processor as ``Attention.forward`` does, with the keyword arguments the
-    processor accepts. Its ``inspect.signature`` is taken here, once, because dynamo cannot build a
-    ``Signature`` inside a ``torch.cond`` branch, where a traced call runs the layer. Plain
-    self-attention means no ``encoder_hidden_states`` and no mask: the only calls agents may serve.
+    As in ``Attention.forward``: the keywords the processor accepts. Its ``inspect.signature`` is taken
+    here, outside any traced branch, because dynamo cannot build a ``Signature`` inside a ``torch.cond``
+    branch, where a traced call runs the layer. Plain self-attention means no ``encoder_hidden_states``
+    and no mask: the only calls agents may serve.
     """
     given = dict(zip(("encoder_hidden_states", "attention_mask"), args)) | kwargs
     accepted = inspect.signature(attn.processor.__call__).parameters
@@ -128,9 +143,8 @@ def attention_call(
         for name, value in given.items()
         if name in accepted or name in ("encoder_hidden_states", "attention_mask")
     }
-    processor = attn.processor
     plain = given.get("encoder_hidden_states") is None and given.get("attention_mask") is None
-    return (lambda x: processor(attn, x, **call_kwargs)), plain
+    return call_kwargs, plain
 
 
 def attend_merged(
@@ -138,12 +152,11 @@ def attend_merged(
     hidden_states: torch.Tensor,
     plan: MergePlan,
     layer: Callable[[torch.Tensor], torch.Tensor],
-    config: AgentSDConfig,
-    with_agents: bool,
+    agents: AgentSettings | None,
 ) -> torch.Tensor:
     """Layer ``attn``'s output for ``hidden_states`` [B, N, C], computed on ``plan``'s merged tokens.
 
-    ``layer(x)`` is the layer's own forward. Where agents are wanted (``with_agents``: plain
+    ``layer(x)`` is the layer's own forward. Where agents are wanted (``agents`` given: plain
     self-attention in ``attn1``), the plan has them, and the layer's processor holds no weights, the
     merged tokens attend through the agents; otherwise ``layer`` runs on the merged tokens (plain
     ToMe). Either way the result is unmerged back to N tokens.
@@ -152,8 +165,8 @@ def attend_merged(
     input ``x``: merged tokens and agents both come from the normalised states, as in the reference.
     """
     merged = plan.merge(hidden_states)
-    if with_agents and plan.agents is not None and not holds_weights(attn.processor):
-        out = agent_self_attention(attn, merged, plan.agents.merge(hidden_states), config)
+    if agents is not None and plan.agents is not None and not holds_weights(attn.processor):
+        out = agent_self_attention(attn, merged, plan.agents.merge(hidden_states), agents)
     else:
         out = layer(merged)
     return plan.unmerge(out)

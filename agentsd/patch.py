@@ -14,7 +14,8 @@ The timestep's value picks the schedule's phase. Eager, it is looked up on the h
 scheduler's timesteps made once per schedule (:class:`HostTimesteps`: no device sync per call), and the
 blocks run the chosen phase. Traced (``torch.compile(unet, fullgraph=True)``, ``torch.export``), nothing
 is read: every merging stage holds all the phases as branches of a ``torch.cond`` on the timestep
-tensor, so one graph serves a whole generation, with no break, no recompilation and no host read.
+tensor, so one graph serves a whole generation, with no break, no recompilation and no host read; and it
+is a compile region, traced once for all the blocks of a level (:func:`_stage_by_noise_level`).
 The random destinations are hashed from (seed, timestep, block) on the device
 (:func:`agentsd.merge.draw_keys`) in both cases, so eager and traced calls plan alike.
 
@@ -30,14 +31,14 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import astuple, dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import attend_merged, attention_call
+from .attention import AgentSettings, attend_merged, processor_kwargs
 from .config import AgentSDConfig, Phase
 from .merge import GridLayout, MergePlan, draw_keys, plan_merge
 
@@ -48,10 +49,6 @@ Stage = Literal["attn1", "attn2", "ff"]
 
 HOOK_NAME = "agentsd"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
-
-#: ``fn(plan, x)``: a stage's output for its input ``x`` under ``plan`` (``None``: unmerged).
-StageFn = Callable[[MergePlan | None, torch.Tensor], torch.Tensor]
-
 
 #: Storages of more elements than this are not copied to the host whole (a timestep read from a large
 #: buffer costs one read per call instead).
@@ -175,9 +172,9 @@ class UNetState:
             if self.keys is None:
                 grid = first.grid()
                 if grid not in fixed:
-                    fixed[grid] = first.make_layout(phase, None, device)
+                    fixed[grid] = make_layout(grid, phase, None, device)
                 layouts = [fixed[grid]] * len(run)
-            elif first.merges_any(phase):
+            elif merges_any(first.grid(), phase):
                 keys = self.keys[first.index : first.index + len(run)]
                 layouts = GridLayout.draw_each(*first.grid(), phase.sx, phase.sy, keys)
             else:
@@ -195,6 +192,38 @@ def _runs_at_one_level(blocks: list[BlockState]) -> list[list[BlockState]]:
         else:
             runs.append([block])
     return runs
+
+
+def merges_any(grid: tuple[int, int], phase: Phase) -> bool:
+    """Whether ``phase`` merges any token of an (h, w) ``grid``."""
+    h, w = grid
+    return int(h * w * phase.ratio) > 0
+
+
+def make_layout(
+    grid: tuple[int, int], phase: Phase, key: torch.Tensor | None, device: torch.device
+) -> GridLayout | None:
+    """Destinations and sources of an (h, w) ``grid`` in ``phase`` (random from ``key``, else fixed), or
+    ``None`` if the phase merges nothing there."""
+    return GridLayout.draw(*grid, phase.sx, phase.sy, key, device) if merges_any(grid, phase) else None
+
+
+def make_plan(phase: Phase, layout: GridLayout | None, metric: torch.Tensor) -> MergePlan | None:
+    """The merge plan for block input ``metric`` [B, N, C] on ``layout`` in ``phase``.
+
+    Everything here is shape arithmetic and dense tensor work: no value of a tensor decides a branch.
+    """
+    if layout is None:
+        return None
+    num_tokens = metric.shape[1]
+    if num_tokens != layout.num_tokens:
+        logger.warning(
+            "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged",
+            layout.num_tokens,
+            num_tokens,
+        )
+        return None
+    return plan_merge(metric, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
 
 
 try:  # registers torch.ops.prims.inductor_force_stride_order, private to inductor but with an eager kernel
@@ -272,38 +301,11 @@ class BlockState:
         """The key of this block's random destinations in the current call, or ``None`` for fixed ones."""
         return self.unet.keys[self.index] if self.unet.keys is not None else None
 
-    def merges_any(self, phase: Phase) -> bool:
-        """Whether ``phase`` merges any of this block's tokens in the current call."""
-        h, w = self.grid()
-        return int(h * w * phase.ratio) > 0
-
-    def make_layout(self, phase: Phase, key: torch.Tensor | None, device: torch.device) -> GridLayout | None:
-        """Destinations and sources of this block's grid in ``phase`` (random from ``key``, else fixed),
-        or ``None`` if it merges nothing."""
-        return GridLayout.draw(*self.grid(), phase.sx, phase.sy, key, device) if self.merges_any(phase) else None
-
-    def make_plan(self, phase: Phase, layout: GridLayout | None, metric: torch.Tensor) -> MergePlan | None:
-        """The merge plan for block input ``metric`` [B, N, C] on ``layout`` in ``phase``.
-
-        Everything here is shape arithmetic and dense tensor work: no value of a tensor decides a branch.
-        """
-        if layout is None:
-            return None
-        num_tokens = metric.shape[1]
-        if num_tokens != layout.num_tokens:
-            logger.warning(
-                "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged",
-                layout.num_tokens,
-                num_tokens,
-            )
-            return None
-        return plan_merge(metric, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
-
     def start(self, x: torch.Tensor) -> None:
         """The block is called with input ``x``: plan now if the phase is known, else keep the metric."""
         self.tokens_seen = x.shape[1]
         if self.unet.phase is not None:
-            self.plan = self.make_plan(self.unet.phase, self.layout, x)
+            self.plan = make_plan(self.unet.phase, self.layout, x)
         else:
             self.metric = x
 
@@ -311,34 +313,107 @@ class BlockState:
         """Forget this call's plan and metric: their tensors stay out of later memory peaks."""
         self.plan = self.metric = None
 
-    def run(self, stage: Stage, x: torch.Tensor, fn: StageFn) -> torch.Tensor:
-        """``fn(plan, x)`` with this call's plan for ``stage``.
+    def run(self, call: StageCall, x: torch.Tensor) -> torch.Tensor:
+        """``call``'s output for tokens ``x``, on this call's merged tokens.
 
         Eager, the plan was made when the block started; the block's last merging stage drops it,
-        so its index tensors stay out of the feed-forward's memory peak. Traced, each phase is one
-        branch of a ``torch.cond`` on the timestep that plans from the block input and runs
-        ``fn``: all branches return [B, N, C], so the graph is the same at every step.
+        so its index tensors stay out of the feed-forward's memory peak. Traced, the stage plans from
+        the block input in every phase and the timestep picks one on the device
+        (:func:`_stage_by_noise_level`).
         """
         if self.unet.phase is not None:
             plan = self.plan
-            if stage == self.last_stage:
+            if call.stage == self.last_stage:
                 self.plan = None
-            return fn(plan, x)
-        # The key enters the branches as an operand, so that their code is the same for every block of
-        # a level (see draw_keys).
-        key = self.random_key()
-        operands = (_cond_operand(x), _cond_operand(self.metric)) + (() if key is None else (key,))
-
-        def branch(phase: Phase) -> Callable[..., torch.Tensor]:
-            def run_phase(x: torch.Tensor, metric: torch.Tensor, *key_operand: torch.Tensor) -> torch.Tensor:
-                layout = self.make_layout(phase, key_operand[0] if key_operand else None, x.device)
-                return fn(self.make_plan(phase, layout, metric), x)
-
-            return run_phase
-
-        phases = self.config.phases
+            return call.output(plan, x)
+        phases = tuple(astuple(phase) for phase in self.config.phases)
         level = self.unet.timestep / self.unet.num_train_timesteps
-        return _by_noise_level(level, phases, [branch(phase) for phase in phases], operands)
+        # On CUDA each torch.cond stays at the top of the graph: inductor ends a CUDA graph
+        # (mode="reduce-overhead") at a top-level cond, but would capture one inside a region, with the
+        # host read of its predicate.
+        traced_stage = _stage_by_noise_level if x.is_cuda else _stage_in_region
+        return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
+
+
+class StageCall(NamedTuple):
+    """One call of a merging stage: the module, which stage it is, and how its own forward is called.
+
+    Plain values (a module, strings, tuples, tensors, ``None``), not a closure, so that a traced call
+    can be an argument of :func:`_stage_by_noise_level`, which dynamo traces once for the blocks of a level.
+
+    Attributes:
+        module: The attention layer or feed-forward.
+        stage: Which part of the block it is.
+        previous: The module's instance ``forward`` from before the patch (another library's), or ``None``.
+        args: Positional arguments of the module's forward besides the tokens.
+        kwargs: Its keyword arguments; for an attention layer, those its processor accepts.
+        agents: Agent attention's settings where the call may use agents (plain self-attention in
+            ``attn1``), else ``None``.
+    """
+
+    module: torch.nn.Module
+    stage: Stage
+    previous: Callable[..., Any] | None
+    args: tuple
+    kwargs: dict[str, Any]
+    agents: AgentSettings | None
+
+    def layer(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's own forward on tokens ``x``: its processor for an attention layer, as
+        ``Attention.forward`` calls it."""
+        if self.previous is not None:
+            return self.previous(x, *self.args, **self.kwargs)
+        if self.stage == "ff":
+            return type(self.module).forward(self.module, x, *self.args, **self.kwargs)
+        return self.module.processor(self.module, x, *self.args, **self.kwargs)
+
+    def output(self, plan: MergePlan | None, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for tokens ``x`` [B, N, C], computed on ``plan``'s merged tokens.
+
+        Without a plan, or for a call whose token count does not fit it (a feed-forward chunked along
+        the tokens by ``set_chunk_feed_forward(dim=1)``), the module runs on ``x`` itself.
+        """
+        if plan is None or x.shape[1] != plan.num_tokens:
+            return self.layer(x)
+        if self.stage == "ff":
+            return plan.unmerge(self.layer(plan.merge(x)))
+        return attend_merged(self.module, x, plan, self.layer, self.agents)
+
+
+def _stage_by_noise_level(
+    call: StageCall,
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    key: torch.Tensor | None,
+    level: torch.Tensor,
+    grid: tuple[int, int],
+    phases: tuple[tuple, ...],
+) -> torch.Tensor:
+    """A traced stage call: each phase (``phases``: the fields of each :class:`Phase`) is a branch of a
+    ``torch.cond`` on the noise level ``level`` that plans from the block input ``metric`` and runs
+    ``call`` on the merged ``x``. All branches return [B, N, C], so the graph is the same at every step.
+
+    Its arguments are plain values so that it can be a compile region (:data:`_stage_in_region`).
+    """
+    chosen = [Phase(*fields) for fields in phases]
+    operands = (_cond_operand(x), _cond_operand(metric)) + (() if key is None else (key,))
+
+    def branch(phase: Phase) -> Callable[..., torch.Tensor]:
+        def run_phase(x: torch.Tensor, metric: torch.Tensor, *key_operand: torch.Tensor) -> torch.Tensor:
+            layout = make_layout(grid, phase, key_operand[0] if key_operand else None, x.device)
+            return call.output(make_plan(phase, layout, metric), x)
+
+        return run_phase
+
+    return _by_noise_level(level, chosen, [branch(phase) for phase in chosen], operands)
+
+
+#: :func:`_stage_by_noise_level` as a compile region: dynamo traces it for the first block of a level and
+#: stamps it out for the others, each with its own module and key (an operand, so that the code is the
+#: same for every block: see :func:`~agentsd.merge.draw_keys`). Inductor then lowers and generates the
+#: branches once per level instead of once per block, which was most of a patched UNet's compile time.
+#: torch < 2.8 has no compile regions: there every block traces its own (the same graph, compiled slower).
+_stage_in_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(_stage_by_noise_level)
 
 
 def _call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
@@ -407,26 +482,15 @@ class MergedStage:
     def install(self) -> None:
         module, state, stage = self.module, self.state, self.stage
         previous = module.__dict__.get("forward")
-        class_forward = type(module).forward
-
-        def own_forward(*args: Any, **kwargs: Any) -> Any:
-            return previous(*args, **kwargs) if previous is not None else class_forward(module, *args, **kwargs)
 
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if stage != "ff" and previous is None:
-                layer, plain_self_attention = attention_call(module, args, kwargs)
+                call_kwargs, plain_self_attention = processor_kwargs(module, args, kwargs)
+                agents = AgentSettings.of(state.config) if stage == "attn1" and plain_self_attention else None
+                call = StageCall(module, stage, None, (), call_kwargs, agents)
             else:
-                layer, plain_self_attention = (lambda x: own_forward(x, *args, **kwargs)), False
-            with_agents = stage == "attn1" and plain_self_attention
-
-            def on_merged_tokens(plan: MergePlan | None, x: torch.Tensor) -> torch.Tensor:
-                if plan is None or x.shape[1] != plan.num_tokens:
-                    return layer(x)
-                if stage == "ff":
-                    return plan.unmerge(layer(plan.merge(x)))
-                return attend_merged(module, x, plan, layer, state.config, with_agents)
-
-            return state.run(stage, hidden_states, on_merged_tokens)
+                call = StageCall(module, stage, previous, args, kwargs, None)
+            return state.run(call, hidden_states)
 
         self.previous, self.installed = previous, forward
         module.forward = forward

@@ -6,8 +6,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, Cu
 from reference import agent_attention_reference
 
 from agentsd import AgentSDConfig, agent_attention
-from agentsd.attention import attend_merged, attention_call
-from agentsd.patch import BlockState, UNetState
+from agentsd.attention import AgentSettings, attend_merged, processor_kwargs
+from agentsd.patch import BlockState, UNetState, make_plan
 
 
 def _qkva(dtype=torch.float32, b=2, h=3, n=50, m=7, d=8, seed=0):
@@ -40,7 +40,7 @@ def _plan(metric, h, w, **phase):
     block = BlockState(unet=unet, index=0, downsample=1)
     unet.blocks.append(block)
     unet.start_call(torch.zeros(1, 4, h, w), 999)
-    return config, block.make_plan(config.phases[0], block.layout, metric)
+    return AgentSettings.of(config), make_plan(config.phases[0], block.layout, metric)
 
 
 def _attention(seed=0):
@@ -52,10 +52,10 @@ def test_self_attention_with_agents_equals_plain_implementation():
     attn = _attention()
     x = torch.randn(2, 64, 32)
     normed = torch.nn.functional.layer_norm(x, (32,))
-    config, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    agents, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
     assert plan.agents is not None
     with torch.no_grad():
-        ours = attend_merged(attn, normed, plan, attn, config, with_agents=True)
+        ours = attend_merged(attn, normed, plan, attn, agents)
         feats, agents = plan.merge(normed), plan.agents.merge(normed)
         heads = lambda t: t.unflatten(-1, (4, 8)).transpose(1, 2)  # noqa: E731
         out = agent_attention_reference(
@@ -74,26 +74,28 @@ def test_self_attention_with_agents_equals_plain_implementation():
 def test_without_agents_the_layer_runs_its_own_processor_on_merged_tokens():
     attn = _attention()
     x = torch.randn(2, 64, 32)
-    config, plan = _plan(x, 8, 8, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
+    agents, plan = _plan(x, 8, 8, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
     assert plan.agents is None
     with torch.no_grad():
         expected = plan.unmerge(AttnProcessor2_0()(attn, plan.merge(x)))
-        assert torch.equal(attend_merged(attn, x, plan, attn, config, with_agents=True), expected)
+        assert torch.equal(attend_merged(attn, x, plan, attn, agents), expected)
 
 
 def test_agents_are_skipped_for_cross_attention_masks_and_processors_with_weights():
     """Those calls go through the layer's processor on the merged tokens, so nothing it does is lost."""
     attn = _attention()
     x = torch.randn(2, 64, 32)
-    config, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    agents, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
     context = torch.randn(2, 5, 32)
     with torch.no_grad():
         tome = plan.unmerge(attn(plan.merge(x)))
-        assert torch.equal(attend_merged(attn, x, plan, attn, config, with_agents=False), tome)
-        layer, plain = attention_call(attn, (), {"encoder_hidden_states": context, "unknown": 1})
-        assert not plain and attention_call(attn, (), {})[1] and not attention_call(attn, (None, x[:, :1]), {})[1]
+        assert torch.equal(attend_merged(attn, x, plan, attn, None), tome)
+        call_kwargs, plain = processor_kwargs(attn, (), {"encoder_hidden_states": context, "unknown": 1})
+        assert call_kwargs == {"encoder_hidden_states": context}
+        assert not plain and processor_kwargs(attn, (), {})[1] and not processor_kwargs(attn, (None, x[:, :1]), {})[1]
+        layer = lambda t: attn.processor(attn, t, **call_kwargs)  # noqa: E731
         cross = plan.unmerge(attn(plan.merge(x), encoder_hidden_states=context))
-        assert torch.equal(attend_merged(attn, x, plan, layer, config, with_agents=plain), cross)
+        assert torch.equal(attend_merged(attn, x, plan, layer, agents if plain else None), cross)
         attn.set_processor(CustomDiffusionAttnProcessor2_0(train_q_out=True, hidden_size=32).eval())
         weighted = plan.unmerge(attn(plan.merge(x)))
-        assert torch.equal(attend_merged(attn, x, plan, attn, config, with_agents=True), weighted)
+        assert torch.equal(attend_merged(attn, x, plan, attn, agents), weighted)
