@@ -200,6 +200,24 @@ def test_torch_export_gives_the_eager_output_at_both_phases_with_no_host_read(st
     agentsd.remove_patch(unet)
 
 
+def test_aot_inductor_package_of_the_exported_unet_gives_the_eager_output_at_both_phases(tmp_path):
+    """diffusers' ``test_compile_works_with_aot``: export, compile ahead of time with inductor into a
+    package, load it, call it. The one inductor test of the exported graph (about a minute)."""
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    agentsd.apply_patch(unet, ratio=0.4)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    with torch.no_grad():
+        program = torch.export.export(unet, (sample, torch.tensor(981.0)), kwargs)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "unet.pt2"))
+    compiled = torch._inductor.aoti_load_package(package, run_single_threaded=True)
+    for t, expected in eager.items():
+        with torch.no_grad():
+            out = compiled(sample, torch.tensor(float(t)), **kwargs)
+        assert torch.allclose(out[0], expected, atol=1e-4), t
+    agentsd.remove_patch(unet)
+
+
 def test_compiled_generation_stays_close_to_eager(tmp_path):
     """What holds under inductor (real kernels, other rounding): each call equals eager to 1e-4, and a
     whole generation stays close. It need not be equal: a ~1e-5 difference can flip which tokens merge
