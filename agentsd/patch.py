@@ -339,7 +339,9 @@ class StageCall(NamedTuple):
     """One call of a merging stage: the module, which stage it is, and how its own forward is called.
 
     Plain values (a module, strings, tuples, tensors, ``None``), not a closure, so that a traced call
-    can be an argument of :func:`_stage_by_noise_level`, which dynamo traces once for the blocks of a level.
+    can be an argument of :data:`_stage_in_region`, which dynamo traces once for the blocks of a level.
+    (A module whose ``forward`` another library had replaced carries that function in ``previous``,
+    which dynamo cannot match between blocks: its blocks are then traced one by one, as before.)
 
     Attributes:
         module: The attention layer or feed-forward.
@@ -456,10 +458,10 @@ class BlockHook(ModelHook):
 class MergedStage:
     """One part of a patched block (``attn1``, ``attn2`` or ``ff``) that runs on the block's merged tokens.
 
-    :meth:`install` replaces the module's ``forward`` with a closure: merge, run the module's own
-    forward (for ``attn1`` with agents, :func:`~agentsd.attention.attend_merged` computes agent
-    attention with the layer's projections), unmerge. A call whose token count does not fit the
-    plan (a feed-forward chunked along the tokens by ``set_chunk_feed_forward(dim=1)``) runs unmerged.
+    :meth:`install` replaces the module's ``forward`` with a closure that describes the call
+    (:class:`StageCall`) and hands it to the block: merge, run the module's own forward (for ``attn1``
+    with agents, :func:`~agentsd.attention.attend_merged` computes agent attention with the layer's
+    projections), unmerge.
 
     A plain closure, not a diffusers hook: the hook registry installs a ``functools.partial`` per
     module, which dynamo guards by identity, so every block of a regionally compiled UNet would be
