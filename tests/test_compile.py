@@ -202,11 +202,14 @@ def test_torch_export_gives_the_eager_output_at_both_phases_with_no_host_read(st
 
 def test_aot_inductor_package_of_the_exported_unet_gives_the_eager_output_at_both_phases(tmp_path):
     """diffusers' ``test_compile_works_with_aot``: export, compile ahead of time with inductor into a
-    package, load it, call it. The one inductor test of the exported graph (about a minute)."""
+    package, load it, call it. The one inductor test of the exported graph (about a minute). A tuple
+    output (``return_dict=False``): diffusers 0.33 registers its output class with pytree without the
+    serialization name that packaging needs."""
     unet = tiny_unet("sd1").eval()
     sample, kwargs = _inputs("sd1")
     agentsd.apply_patch(unet, ratio=0.4)
     eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    kwargs["return_dict"] = False
     with torch.no_grad():
         program = torch.export.export(unet, (sample, torch.tensor(981.0)), kwargs)
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "unet.pt2"))
