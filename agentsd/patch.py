@@ -168,15 +168,15 @@ class UNetState:
         fixed: dict[tuple[int, int], GridLayout | None] = {}
         for run in _runs_at_one_level(self.blocks):
             first = run[0]
+            grid = first.grid()
             layouts: list[GridLayout | None]
             if self.keys is None:
-                grid = first.grid()
                 if grid not in fixed:
                     fixed[grid] = make_layout(grid, phase, None, device)
                 layouts = [fixed[grid]] * len(run)
-            elif merges_any(first.grid(), phase):
+            elif merges_any(grid, phase):
                 keys = self.keys[first.index : first.index + len(run)]
-                layouts = GridLayout.draw_each(*first.grid(), phase.sx, phase.sy, keys)
+                layouts = GridLayout.draw_each(*grid, phase.sx, phase.sy, keys)
             else:
                 layouts = [None] * len(run)
             for block, layout in zip(run, layouts):

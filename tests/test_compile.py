@@ -152,9 +152,21 @@ def test_whole_model_traces_the_branches_once_for_all_the_blocks_of_a_level():
     agentsd.remove_patch(unet)
 
 
+def _canonical(graph: torch.fx.GraphModule) -> list[tuple]:
+    """A graph's ops and constants, with its nodes' names (which name each block's weights) left out."""
+    index = {node: i for i, node in enumerate(graph.graph.nodes)}
+    return [
+        (node.op, None if node.op == "placeholder" else str(node.target))
+        + tuple(torch.fx.node.map_arg((node.args, node.kwargs), lambda arg: index[arg]))
+        for node in graph.graph.nodes
+    ]
+
+
 def test_on_cuda_each_block_keeps_its_cond_at_the_top_of_the_graph(monkeypatch):
     """On CUDA the stages are not compile regions (inductor ends a CUDA graph only at a top-level
-    torch.cond): that path, forced here on the CPU, still gives one graph equal to eager."""
+    torch.cond): that path, forced here on the CPU, still gives one graph equal to eager, and the
+    blocks of a level trace to the same branch code (no block number among their constants), so
+    inductor compiles their kernels once."""
     monkeypatch.setattr(agentsd.patch, "_stage_in_region", agentsd.patch._stage_by_noise_level)
     unet = tiny_unet("sdxl").eval()
     sample, kwargs = _inputs("sdxl")
@@ -167,7 +179,11 @@ def test_on_cuda_each_block_keeps_its_cond_at_the_top_of_the_graph(monkeypatch):
     (graph,) = graphs
     calls = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert "cond" in calls and "invoke_subgraph" not in calls
-    assert len([name for name, _ in graph.named_children() if name.startswith("cond_true_")]) == 8
+    branches = {name: module for name, module in graph.named_children() if name.startswith("cond_")}
+    for side in ("cond_true_", "cond_false_"):
+        codes = [_canonical(module) for name, module in branches.items() if name.startswith(side)]
+        assert len(codes) == 8
+        assert all(code == codes[0] for code in codes), side
     agentsd.remove_patch(unet)
 
 
