@@ -9,7 +9,7 @@ agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
 from .attention import agent_attention
 from .config import AgentSDConfig, Phase, recipe
 from .merge import MergePlan, TokenMerge, plan_merge
-from .patch import PatchSummary, apply_patch, is_patched, patch_summary, remove_patch
+from .patch import PatchSummary, apply_patch, compile_unet, is_patched, patch_summary, remove_patch
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "TokenMerge",
     "agent_attention",
     "apply_patch",
+    "compile_unet",
     "is_patched",
     "patch_summary",
     "plan_merge",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
 from op_counter import SYNCING, CountOps
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 from torch._dynamo.utils import counters
@@ -163,10 +164,11 @@ def _canonical(graph: torch.fx.GraphModule) -> list[tuple]:
 
 
 def test_on_cuda_each_block_keeps_its_cond_at_the_top_of_the_graph(monkeypatch):
-    """On CUDA the stages are not compile regions (inductor ends a CUDA graph only at a top-level
-    torch.cond): that path, forced here on the CPU, still gives one graph equal to eager, and the
-    blocks of a level trace to the same branch code (no block number among their constants), so
-    inductor compiles their kernels once."""
+    """On CUDA the stages are not compile regions (a top-level torch.cond is one inductor sees, and it
+    then leaves the graph out of CUDA graphs; in a region it might capture the cond's host read): that
+    path, forced here on the CPU, still gives one graph equal to eager, and the blocks of a level trace
+    to the same branch code (no block number among their constants), so inductor compiles their
+    kernels once."""
     monkeypatch.setattr(agentsd.patch, "_stage_in_region", agentsd.patch._stage_by_noise_level)
     unet = tiny_unet("sdxl").eval()
     sample, kwargs = _inputs("sdxl")
@@ -185,6 +187,79 @@ def test_on_cuda_each_block_keeps_its_cond_at_the_top_of_the_graph(monkeypatch):
         assert len(codes) == 8
         assert all(code == codes[0] for code in codes), side
     agentsd.remove_patch(unet)
+
+
+def _graph_ops(graph: torch.fx.GraphModule) -> set[str]:
+    return {getattr(node.target, "__name__", str(node.target)) for node in graph.graph.nodes}
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_compile_unet_gives_a_graph_per_phase_with_no_cond_equal_to_eager(kind, monkeypatch):
+    """The compile for CUDA graphs: the hook picks the phase on the host (from the schedule's one host
+    copy), so each phase is a whole graph without torch.cond, compiled once and reused by every later
+    step and generation; outputs are eager's, bit for bit."""
+    unet = tiny_unet(kind).eval()
+    sample, kwargs = _inputs(kind)
+    agentsd.apply_patch(unet, ratio=0.4)
+    timesteps = torch.tensor(TIMESTEPS)
+    copies = _count_host_copies(monkeypatch)
+    eager = _pipeline_loop(unet, sample, kwargs, timesteps)
+    graphs = []
+    assert agentsd.compile_unet(unet, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm) or gm) is unet
+    for _ in range(2):  # two generations
+        for out, expected in zip(_pipeline_loop(unet, sample, kwargs, timesteps), eager, strict=True):
+            assert torch.equal(out, expected)
+    assert len(graphs) == 2  # the agent phase's and the ToMe phase's
+    assert not counters["graph_break"]
+    for graph in graphs:
+        ops = _graph_ops(graph)
+        assert "cond" not in ops and "invoke_subgraph" not in ops
+        assert not [op for op in ops if op.split(".")[0] in SYNCING]
+    assert len(copies) == 1  # the schedule, read to the host once (eager's first call): no sync per call
+    agentsd.remove_patch(unet)
+
+
+def test_compile_unet_survives_aot_autograd_and_goes_with_the_patch():
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    unpatched = _run(unet, sample, kwargs, TIMESTEPS[0])
+    agentsd.apply_patch(unet, ratio=0.4, merge_crossattn=True, merge_mlp=True)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    agentsd.compile_unet(unet, fullgraph=True, backend="aot_eager")
+    for t, expected in eager.items():
+        assert torch.allclose(_run(unet, sample, kwargs, t), expected, atol=1e-5), t
+    assert counters["stats"]["unique_graphs"] == 2
+    agentsd.apply_patch(unet, ratio=0.4)  # a new patch starts uncompiled
+    _run(unet, sample, kwargs, TIMESTEPS[0])
+    assert counters["stats"]["unique_graphs"] == 2
+    agentsd.remove_patch(unet)
+    assert "forward" not in unet.__dict__ and not hasattr(unet, "_diffusers_hook")
+    assert torch.equal(_run(unet, sample, kwargs, TIMESTEPS[0]), unpatched)
+
+
+def test_compile_unet_compiles_layers_whose_forward_another_library_replaced():
+    """A layer's own ``forward`` from another library runs inside each phase's graph; under
+    ``torch.compile(unet)`` it would run inside a torch.cond branch, where dynamo cannot trace diffusers'
+    ``Attention.forward`` (its ``inspect.signature``): the whole-model compile then fails."""
+    unet = tiny_unet("sd1").eval()
+    sample, kwargs = _inputs("sd1")
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            own = block.attn1.forward
+            block.attn1.forward = lambda x, *args, own=own, **kw: own(x, *args, **kw) * 1.0
+    agentsd.apply_patch(unet, ratio=0.4)
+    eager = {t: _run(unet, sample, kwargs, t) for t in TIMESTEPS[1:3]}
+    agentsd.compile_unet(unet, fullgraph=True, backend="eager")
+    for t, expected in eager.items():
+        assert torch.equal(_run(unet, sample, kwargs, t), expected), t
+    agentsd.remove_patch(unet)
+
+
+def test_compile_unet_needs_a_patched_unet():
+    unet = tiny_unet("sd1")
+    with pytest.raises(ValueError, match=r"not patched: call agentsd.apply_patch"):
+        agentsd.compile_unet(unet)
+    assert "forward" not in unet.__dict__
 
 
 def test_whole_model_compile_survives_aot_autograd_with_every_stage_merged():
