@@ -10,8 +10,9 @@
 #
 # Results go to $OUT/gpu-suite (speed.json, speed.csv, speedup.png, log.txt) plus $OUT/environment.txt;
 # $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine);
-# SUITE=gpu-compile the whole UNet compiled with CUDA graphs (mode reduce-overhead) at 512/1024 px,
-# after sd, ToDo and the agent phase eager (about 8.5 minutes: a call of its own). The gpu suite
+# SUITE=gpu-compile 20-step generations with the whole UNet compiled with CUDA graphs (mode
+# reduce-overhead) at 1024/512 px, after sd, ToDo and the agent phase eager (about 8.5 minutes: a call
+# of its own; on 2026-12-01 its earlier plan, compiled forwards, took 7 min). The gpu suite
 # took 5 minutes on one H200 (2026-11-30; 2048 px with 5 repeats, the rest with 10). `timeout` stops
 # the gpu suite at 8 minutes and gpu-compile at 9 min 20 s (a device call may run 10), or at
 # SUITE_TIMEOUT seconds if set; results are written after every resolution (whole-model compiled:

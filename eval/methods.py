@@ -252,6 +252,9 @@ class Part:
         tidy: Drop what the library's remove leaves behind (see :class:`_Leftovers`).
         batch_dependent: An image depends on the other images of its batch (CA-ToMe merges, in every
             image, as many tokens as the batch's image with the most pairs above its threshold).
+        compile_whole: ``compile_whole(target, options)`` compiles the patched UNet whole the library's
+            own way, with ``torch.compile``'s ``options`` (AgentSD: :func:`agentsd.compile_unet`, a graph
+            per phase, which CUDA graphs capture); ``None``: ``torch.compile`` of the UNet, patch or not.
     """
 
     apply: Callable[[Any, float | None, int, MethodOptions], Remove]
@@ -261,6 +264,7 @@ class Part:
     generate: Callable[[Any, MethodOptions], Generate] | None = None
     tidy: bool = True
     batch_dependent: bool = False
+    compile_whole: Callable[[Any, dict[str, Any]], None] | None = None
 
     @property
     def distribution(self) -> str:
@@ -292,7 +296,14 @@ def _agentsd(name: str) -> Part:
         agentsd.apply_patch(target, ratio=ratio, seed=seed, **AGENTSD_KWARGS[name])
         return lambda: agentsd.remove_patch(target)
 
-    return Part(apply, lambda ratio, options: {"agentsd": dict(AGENTSD_KWARGS[name])}, tidy=False)
+    def compile_whole(target: Any, options: dict[str, Any]) -> None:
+        import agentsd
+
+        agentsd.compile_unet(target, **options)
+
+    return Part(
+        apply, lambda ratio, options: {"agentsd": dict(AGENTSD_KWARGS[name])}, tidy=False, compile_whole=compile_whole
+    )
 
 
 def _ca_tome(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
@@ -505,6 +516,11 @@ class Method:
     def batch_dependent(self) -> bool:
         """Whether its images depend on the batch they ran in (a resume must keep the batch size)."""
         return any(part.batch_dependent for part in self.parts)
+
+    @property
+    def compile_whole(self) -> Callable[[Any, dict[str, Any]], None] | None:
+        """How this method's patched UNet is compiled whole, if its one library has its own way (see :class:`Part`)."""
+        return self.parts[0].compile_whole if len(self.parts) == 1 else None
 
     @property
     def packages(self) -> tuple[str, ...]:

@@ -158,12 +158,13 @@ GPU_METHODS = ("sd", "tomesd", "todo", "agentsd", "agent-phase", "tome-phase", "
 _FORWARD_SKIPS = ("agentsd",)
 _GENERATION_SKIPS = ("agent-phase", "tome-phase")
 
-#: Whole-model compiled on a GPU, each method costs a minute of compiling per size (H200, torch 2.11):
-#: the gpu-compile suite keeps the ones its question needs (does AgentSD beat SD once launches are free?).
-#: tomesd is left out: its graph breaks leave CUDA graphs only pieces of the UNet. The recipe is there
-#: beside its agent phase, though at t = 981 they compute the same: compiled whole, the recipe chooses
-#: its phase in a ``torch.cond`` per patched block, and inductor runs each cond outside the CUDA graphs
-#: (a partition boundary, its predicate read on the host), while one fixed phase has no cond at all.
+#: Whole-model compiled on a GPU, each method costs about 50 s of compiling per size and graph (H200,
+#: torch 2.11): the gpu-compile suite keeps the ones its question needs (does AgentSD beat SD once
+#: launches are free?). tomesd is left out: its graph breaks leave CUDA graphs only pieces of the UNet.
+#: AgentSD's recipe compiles with agentsd.compile_unet, a graph per phase, each captured whole (a
+#: ``torch.cond`` would keep the whole graph out of CUDA graphs), timed over whole generations, which run
+#: both graphs. Compiled single forwards (sd, todo, the agent phase at 512/1024 px) were measured on
+#: 2026-12-01 (BENCHMARKS.md): ``--mode unet`` reruns them.
 GPU_COMPILE_METHODS = ("sd", "todo", "agentsd", "agent-phase")
 
 # Cheapest and most asked-for first: every run's rows are written when it ends, so a run stopped
@@ -225,13 +226,12 @@ SUITES: dict[str, Suite] = {
         _GPU_RUNS,
     ),
     "gpu-compile": Suite(
-        "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), one forward of the "
-        "SD 1.5 architecture, each method alone on a fresh compile cache: sd, todo, AgentSD's recipe (a "
-        "torch.cond per patched block) and its agent phase (none) at 512 px, sd, todo and the agent phase at "
-        "1024 px, median of 10 after 3 warm-ups (CUDA graphs need the patched UNet in one graph, as AgentSD's "
-        "now is); first, sd, todo and the agent phase eager at 512/1024 px (a few seconds: the eager baseline "
-        "of the same session); about a minute of compiling per method and size on an H200, 8.5 minutes in "
-        "all: a call of its own, not part of the gpu suite",
+        "one GPU, fp16: the whole UNet compiled with mode reduce-overhead (CUDA graphs), each method alone on "
+        "a fresh compile cache: a 20-step generation of the SD 1.5 architecture at 1024 and 512 px, sd, todo "
+        "and AgentSD's recipe (agentsd.compile_unet: a graph per phase), median of 3 after one warm-up "
+        "generation; first, sd, todo and the agent phase eager, one forward at 512/1024 px, median of 10 "
+        "after 3 warm-ups (seconds: the eager baseline of the same session); about 50 s of compiling per "
+        "method, size and graph on an H200, 8.5 minutes in all: a call of its own, not part of the gpu suite",
         {
             "methods": list(GPU_COMPILE_METHODS),
             "dtype": "float16",
@@ -242,8 +242,17 @@ SUITES: dict[str, Suite] = {
         },
         (
             Run("sd15", None, ("unet",), (512, 1024), skip=_FORWARD_SKIPS),
-            Run("sd15", None, ("unet",), (512,), compile="full"),
-            Run("sd15", None, ("unet",), (1024,), compile="full", skip=_FORWARD_SKIPS),
+            Run(
+                "sd15",
+                None,
+                ("pipeline",),
+                (1024, 512),
+                compile="full",
+                steps=20,
+                skip=_GENERATION_SKIPS,
+                warmup=1,
+                repeats=3,
+            ),
         ),
     ),
     "gpu-smoke": Suite(
@@ -407,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="full",
         default="none",
         help="none: eager; regional: diffusers' unet.compile_repeated_blocks(fullgraph=True); "
-        "full: torch.compile(unet, fullgraph=True) of the whole UNet (a bare --compile); a method that cannot "
-        "compile whole (tomesd) is compiled again with graph breaks, and says so; dynamic=False, each method "
-        "on its own twin",
+        "full: torch.compile(unet, fullgraph=True) of the whole UNet (a bare --compile; AgentSD's methods: "
+        "agentsd.compile_unet, a graph per phase); a method that cannot compile whole (tomesd) is compiled "
+        "again with graph breaks, and says so; dynamic=False, each method on its own twin",
     )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend ('eager' checks tracing only)"
@@ -571,10 +580,16 @@ def call_forwards(mode: str, steps: int, warmup: bool = False) -> int:
     return min(steps, WARMUP_STEPS) if warmup else steps
 
 
+def measures_memory(args: argparse.Namespace, compile_mode: str) -> bool:
+    """Whether peak memory is measured: asked for, and not under CUDA graphs (``reduce-overhead``), which
+    allocate in their own pool when they record and nothing per call (the peak would read 0)."""
+    return args.memory and not (compile_mode != "none" and args.compiler_mode == "reduce-overhead")
+
+
 def extra_memory_call(args: argparse.Namespace, compile_mode: str) -> bool:
     """Whether peak memory needs a call of its own: with no warm-up call to measure it in, or compiled
     (a compiling warm-up's allocations are not the method's)."""
-    return args.memory and (compile_mode != "none" or args.warmup == 0)
+    return measures_memory(args, compile_mode) and (compile_mode != "none" or args.warmup == 0)
 
 
 def planned_cost(run: Run, args: argparse.Namespace, variants: dict[str, int]) -> float:
@@ -791,14 +806,16 @@ def twin(target: Any) -> Any:
     return copy.deepcopy(target, memo={id(tensor): tensor for tensor in weights})
 
 
-def compile_unet(target: Any, mode: str, backend: str, fullgraph: bool, compiler_mode: str | None = None) -> None:
-    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code.
-
-    ``compiler_mode`` is torch.compile's own ``mode`` (``reduce-overhead``: CUDA graphs), if any.
-    """
-    unet = getattr(target, "unet", target)
+def compile_options(backend: str, fullgraph: bool, compiler_mode: str | None = None) -> dict[str, Any]:
+    """``torch.compile``'s arguments; ``compiler_mode`` is its ``mode`` (``reduce-overhead``: CUDA graphs), if any."""
     options = {"fullgraph": fullgraph, "dynamic": False, "backend": backend}
     options.update({"mode": compiler_mode} if compiler_mode else {})
+    return options
+
+
+def compile_unet(target: Any, mode: str, options: dict[str, Any]) -> None:
+    """Compile the UNet of ``target`` (a UNet, or a pipeline's) in place, so that patching reaches the compiled code."""
+    unet = getattr(target, "unet", target)
     if mode == "regional":
         unet.compile_repeated_blocks(**options)
     elif mode == "full":
@@ -941,7 +958,7 @@ def measure(
     """
     results = {variant: Measurement() for variant in plan}
     compiled = compile_mode != "none"
-    memory_in_warmup = args.memory and not extra_memory_call(args, compile_mode)
+    memory_in_warmup = measures_memory(args, compile_mode) and not extra_memory_call(args, compile_mode)
     warmups: list[float] = []  # seconds of every variant's warm-up calls, compiling included
 
     def call(variant: Variant, generate: Callable[..., Any], what: str, warmup: bool = False) -> float:
@@ -961,16 +978,22 @@ def measure(
     def prepare(variant: Variant, ready: ExitStack) -> Callable[..., Any]:
         """The variant applied to its compiled twin and warmed up, left applied in ``ready``."""
         result = results[variant]
+        # A method with its own whole-model compile (AgentSD's compile_unet) compiles once patched.
+        own_compile = variant.method.compile_whole if compile_mode == "full" else None
         for fullgraph in (True, False):
             model = twin(target)
             if compiled:
-                compile_unet(model, compile_mode, args.compile_backend, fullgraph, args.compiler_mode)
+                options = compile_options(args.compile_backend, fullgraph, args.compiler_mode)
+                if own_compile is None:
+                    compile_unet(model, compile_mode, options)
             breaks = _dynamo_count("graph_break")
             try:
                 with ExitStack() as attempt:
                     generate = attempt.enter_context(
                         variant.method.applied(model, ratio=variant.ratio, seed=SEED, options=args.options)
                     )
+                    if own_compile is not None:
+                        own_compile(model, options)
                     what = "warm-up + compile" if compiled else "warm-up"
                     for index in range(args.warmup):
                         if memory_in_warmup and index == args.warmup - 1:

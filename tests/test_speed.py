@@ -235,10 +235,10 @@ def test_estimate_first_then_adapted_and_a_busy_machine_warned_on_a_tiny_model(s
 
 
 def test_whole_model_compile(speed, tmp_path):
-    """A bare --compile is torch.compile(unet, fullgraph=True); a method that cannot compile whole
-    (tomesd) is compiled again with graph breaks, and says so. No method recompiles in its timed calls:
-    in particular the baseline is not served the split graphs that tomesd's breaks leave in the UNet's
-    frames (each variant runs on a fresh dynamo cache)."""
+    """A bare --compile is torch.compile(unet, fullgraph=True), or AgentSD's own compile_unet; a method
+    that cannot compile whole (tomesd) is compiled again with graph breaks, and says so. No method
+    recompiles in its timed calls: in particular the baseline is not served the split graphs that
+    tomesd's breaks leave in the UNet's frames (each variant runs on a fresh dynamo cache)."""
     argv = ["--arch", "tiny", "--compile", "--compile-backend", "eager", "--methods", "sd", "tomesd", "agentsd"]
     argv += ["--resolutions", "64", "--repeats", "1", "--no-memory", "--threads", "1", "--out", str(tmp_path)]
     rows = speed.main(argv)
@@ -248,22 +248,39 @@ def test_whole_model_compile(speed, tmp_path):
         ("agentsd-r0.4", "full", 0),
     ]
     assert rows[0].note is None and rows[2].note is None and rows[1].note.startswith("fullgraph=True failed")
-    assert [rows[0].graph_breaks, rows[2].graph_breaks] == [0, 0]  # AgentSD: one graph (phases as torch.cond)
+    assert [rows[0].graph_breaks, rows[2].graph_breaks] == [0, 0]  # AgentSD: one graph for its phase
+
+
+def test_agentsd_compiles_whole_with_its_own_compile_unet(speed, tmp_path, monkeypatch):
+    """Whole-model, AgentSD's methods compile with agentsd.compile_unet once patched (no torch.cond: CUDA
+    graphs capture it), the others with torch.compile of the UNet before they patch."""
+    import agentsd
+
+    compiled = []
+    compile_unet = agentsd.compile_unet
+    monkeypatch.setattr(
+        agentsd, "compile_unet", lambda model, **options: compiled.append(options) or compile_unet(model, **options)
+    )
+    argv = ["--arch", "tiny", "--compile", "--compile-backend", "eager", "--methods", "sd", "agentsd"]
+    argv += ["--resolutions", "64", "--repeats", "1", "--no-memory", "--threads", "1", "--out", str(tmp_path)]
+    rows = speed.main(argv + ["--compiler-mode", "default"])
+    assert compiled == [{"fullgraph": True, "dynamic": False, "backend": "eager", "mode": "default"}]
+    assert [(row.method, row.graph_breaks, row.compiles) for row in rows] == [("sd", 0, 0), ("agentsd-r0.4", 0, 0)]
 
 
 def test_whole_model_compile_writes_each_method_when_it_is_done(speed, tmp_path, monkeypatch):
     """Whole-model compiled, each method compiles alone (a minute each on a GPU): a run stopped while
     the third one compiles has already written the first two's rows."""
-    compile_unet = speed.compile_unet
+    compile_options = speed.compile_options
     calls = []
 
     def stopped_at_the_third(*args, **kwargs):
         calls.append(args)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        compile_unet(*args, **kwargs)
+        return compile_options(*args, **kwargs)
 
-    monkeypatch.setattr(speed, "compile_unet", stopped_at_the_third)
+    monkeypatch.setattr(speed, "compile_options", stopped_at_the_third)
     argv = ["--arch", "tiny", "--compile", "--compile-backend", "eager", "--methods", "sd", "agent-phase", "todo"]
     argv += ["--resolutions", "64", "--repeats", "1", "--no-memory", "--threads", "1", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
@@ -317,19 +334,19 @@ def test_highres_and_gpu_suites_plan_the_issues_tables(speed):
     assert ("sd15", 2048) in {(run.arch, px) for run in gpu.runs for px in run.resolutions}
     gpu_compile = speed.SUITES["gpu-compile"]
     assert gpu_compile.settings["compiler_mode"] == "reduce-overhead"
-    assert [(run.resolutions, run.compile) for run in gpu_compile.runs] == [
-        ((512, 1024), "none"),  # the same session's eager baseline first: seconds, written at once
-        ((512,), "full"),
-        ((1024,), "full"),
+    assert [(run.modes, run.resolutions, run.compile) for run in gpu_compile.runs] == [
+        (("unet",), (512, 1024), "none"),  # the same session's eager baseline first: seconds, written at once
+        (("pipeline",), (1024, 512), "full"),  # whole generations: the recipe's two graphs, both phases
     ]
-    # Compiled whole, the recipe (a torch.cond per block) and its agent phase (none) differ: both at 512 px.
-    methods = set(gpu_compile.settings["methods"])
-    assert {"agentsd", "agent-phase"} <= methods and "agentsd" not in gpu_compile.runs[1].skip
+    runs = [{m for m in gpu_compile.settings["methods"] if m not in run.skip} for run in gpu_compile.runs]
+    assert runs == [{"sd", "todo", "agent-phase"}, {"sd", "todo", "agentsd"}]
 
     seen = {}
     unet = torch.nn.Linear(2, 2)
     unet.compile = lambda **options: seen.update(options)
-    speed.compile_unet(unet, "full", "inductor", fullgraph=False, compiler_mode="reduce-overhead")
+    speed.compile_unet(
+        unet, "full", speed.compile_options("inductor", fullgraph=False, compiler_mode="reduce-overhead")
+    )
     assert seen == {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead"}
 
 
