@@ -123,8 +123,11 @@ class UNetState:
         blocks: The patched blocks, in the order they run.
         latent_size: (H, W) of this call's ``sample``.
         timestep: This call's timestep, a 0-d float32 tensor on the model's device.
-        phase: The phase of this call when it is known on the host (eager calls), else ``None``
-            (traced calls: the blocks choose on the device).
+        phase: The phase of this call when it is known on the host (eager calls, :func:`compile_unet`),
+            else ``None`` (traced calls: the blocks choose on the device).
+        whole_graph: Whether this call's blocks are traced in one graph with the UNet's call
+            (``torch.compile(unet)``, ``torch.export``, :func:`compile_unet`): each merging stage then
+            plans inside a compile region, not when its block starts (see :meth:`BlockState.run`).
         keys: This call's random keys, one per patched block, or ``None`` when it draws the fixed
             destinations (``config.use_rand`` off, or an odd batch).
         host_timesteps: Where eager calls look up the timestep's value without a device sync.
@@ -136,6 +139,7 @@ class UNetState:
     latent_size: tuple[int, int] = (0, 0)
     timestep: torch.Tensor | None = None
     phase: Phase | None = None
+    whole_graph: bool = False
     keys: torch.Tensor | None = None
     host_timesteps: HostTimesteps = field(default_factory=HostTimesteps)
 
@@ -155,8 +159,10 @@ class UNetState:
     def start_on_device(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
         """This call's timestep tensor, latent size and random keys; the blocks' layouts if the phase is known.
 
-        Eager, knowing the phase on the host saves every block from carrying all the phases.
+        Eager, knowing the phase on the host saves every block from carrying all the phases. Traced in
+        one graph, each stage draws its own layout (see :meth:`BlockState.run`).
         """
+        self.whole_graph = torch.compiler.is_compiling()
         first = (timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))).flatten()[0]
         self.timestep = first.to(device=sample.device, dtype=torch.float32)
         self.latent_size = (sample.shape[-2], sample.shape[-1])
@@ -164,7 +170,7 @@ class UNetState:
         # the two halves of a pair different plans, so use the fixed top-left ones.
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
         self.keys = draw_keys(self.config.seed, self.timestep, len(self.blocks)) if use_rand else None
-        if self.phase is not None:
+        if self.phase is not None and not self.whole_graph:
             self.draw_layouts(self.phase)
 
     def end_call(self) -> None:
@@ -320,9 +326,10 @@ class BlockState:
         return self.unet.keys[self.index] if self.unet.keys is not None else None
 
     def start(self, x: torch.Tensor) -> None:
-        """The block is called with input ``x``: plan now if the phase is known, else keep the metric."""
+        """The block is called with input ``x``: plan now if the phase is known (outside a whole-model
+        graph), else keep the metric."""
         self.tokens_seen = x.shape[1]
-        if self.unet.phase is not None:
+        if self.unet.phase is not None and not self.unet.whole_graph:
             self.plan = make_plan(self.unet.phase, self.layout, x)
         else:
             self.metric = x
@@ -334,22 +341,27 @@ class BlockState:
     def run(self, call: StageCall, x: torch.Tensor) -> torch.Tensor:
         """``call``'s output for tokens ``x``, on this call's merged tokens.
 
-        Eager, the plan was made when the block started; the block's last merging stage drops it,
-        so its index tensors stay out of the feed-forward's memory peak. Traced, the stage plans from
-        the block input in every phase and the timestep picks one on the device
-        (:func:`_stage_by_noise_level`).
+        Eager (and regionally compiled), the plan was made when the block started; the block's last
+        merging stage drops it, so its index tensors stay out of the feed-forward's memory peak.
+        Traced in one graph, the stage plans from the block input in a compile region shared by the
+        blocks of a level (:func:`_stage_by_noise_level`): for the phase chosen on the host
+        (:func:`compile_unet`: one graph per phase), or for every phase, the timestep picking one on
+        the device.
         """
-        if self.unet.phase is not None:
+        unet = self.unet
+        if not unet.whole_graph:
             plan = self.plan
             if call.stage == self.last_stage:
                 self.plan = None
             return call.output(plan, x)
-        phases = tuple(astuple(phase) for phase in self.config.phases)
-        level = self.unet.timestep / self.unet.num_train_timesteps
-        # On CUDA each torch.cond stays at the top of the graph, where inductor sees it and runs the
+        phases = tuple(astuple(phase) for phase in (self.config.phases if unet.phase is None else (unet.phase,)))
+        level = unet.timestep / unet.num_train_timesteps
+        # On CUDA a torch.cond stays at the top of the graph, where inductor sees it and runs the
         # graph without CUDA graphs (mode="reduce-overhead"; compile_unet avoids the conds): inside a
         # region it might capture the cond, and the host read of its predicate, in a CUDA graph.
-        traced_stage = _stage_by_noise_level if x.is_cuda else _stage_in_region
+        # One phase has no cond, and its regions are what CUDA graphs capture.
+        in_region = len(phases) == 1 or not x.is_cuda
+        traced_stage = _stage_in_region if in_region else _stage_by_noise_level
         return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
 
 
@@ -830,11 +842,18 @@ def compile_unet(model: Any, **compile_kwargs: Any) -> Any:
     as in eager mode (from a copy of the schedule made once: no sync per call); what is compiled is the
     rest of the call, for that phase, with no ``torch.cond``. Dynamo guards on the phase: a graph per
     phase of the schedule (two for the recipe, each compiled the first time its phase runs), each one
-    whole, which CUDA graphs capture.
+    whole, which CUDA graphs capture. Inside, each merging stage is a compile region traced once for
+    the blocks of a level, as under ``torch.compile(unet)`` (on CUDA too: with one phase the region holds
+    no cond), which more than halves the compile (the tiny SDXL UNet's cold compile on the CPU: 152 -> 67 s).
+
+    The graphs are static (``dynamic=False``, which CUDA graphs record per shape anyway): with dynamic
+    shapes dynamo would turn the phase's numbers into graph inputs once the second phase compiles, and
+    a compile region cannot take them.
 
     Args:
         model: A pipeline or UNet patched by :func:`apply_patch`.
-        **compile_kwargs: ``torch.compile``'s own (``mode``, ``fullgraph``, ``backend``, ``dynamic``, ...).
+        **compile_kwargs: ``torch.compile``'s own (``mode``, ``fullgraph``, ``backend``, ...); ``dynamic``
+            only ``False``.
 
     Returns:
         ``model``, its UNet compiled in place. :func:`remove_patch` drops the compiled code with the
@@ -846,6 +865,12 @@ def compile_unet(model: Any, **compile_kwargs: Any) -> Any:
         raise ValueError(
             f"compile_unet compiles a UNet patched by agentsd; {type(model).__name__} is not patched: call "
             "agentsd.apply_patch(model, ...) first (an unpatched UNet needs only torch.compile)"
+        )
+    dynamic = compile_kwargs.setdefault("dynamic", False)
+    if dynamic is not False:
+        raise ValueError(
+            f"compile_unet compiles static graphs, one per phase: dynamic must be False (the default), got "
+            f"{dynamic!r} (a new image size or batch compiles new graphs)"
         )
     unet_hook.compiled = torch.compile(unet_hook.phase_forward, **compile_kwargs)
     return model

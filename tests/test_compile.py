@@ -197,7 +197,8 @@ def _graph_ops(graph: torch.fx.GraphModule) -> set[str]:
 def test_compile_unet_gives_a_graph_per_phase_with_no_cond_equal_to_eager(kind, monkeypatch):
     """The compile for CUDA graphs: the hook picks the phase on the host (from the schedule's one host
     copy), so each phase is a whole graph without torch.cond, compiled once and reused by every later
-    step and generation; outputs are eager's, bit for bit."""
+    step and generation; outputs are eager's, bit for bit. Its merging stages are compile regions, one
+    per block, all calling the one subgraph traced for each level."""
     unet = tiny_unet(kind).eval()
     sample, kwargs = _inputs(kind)
     agentsd.apply_patch(unet, ratio=0.4)
@@ -212,9 +213,16 @@ def test_compile_unet_gives_a_graph_per_phase_with_no_cond_equal_to_eager(kind, 
     assert len(graphs) == 2  # the agent phase's and the ToMe phase's
     assert not counters["graph_break"]
     for graph in graphs:
-        ops = _graph_ops(graph)
-        assert "cond" not in ops and "invoke_subgraph" not in ops
+        ops = set().union(
+            *(_graph_ops(module) for module in graph.modules() if isinstance(module, torch.fx.GraphModule))
+        )
+        assert "cond" not in ops
         assert not [op for op in ops if op.split(".")[0] in SYNCING]
+        if hasattr(torch.compiler, "nested_compile_region"):  # torch >= 2.8
+            blocks = agentsd.patch._get_hook(unet).state.blocks
+            regions = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+            assert len(regions) == len(blocks)
+            assert len({node.args[0].target for node in regions}) == len({block.downsample for block in blocks})
     assert len(copies) == 1  # the schedule, read to the host once (eager's first call): no sync per call
     agentsd.remove_patch(unet)
 
@@ -255,11 +263,19 @@ def test_compile_unet_compiles_layers_whose_forward_another_library_replaced():
     agentsd.remove_patch(unet)
 
 
-def test_compile_unet_needs_a_patched_unet():
+def test_compile_unet_needs_a_patched_unet_and_torch_compiles_arguments():
     unet = tiny_unet("sd1")
     with pytest.raises(ValueError, match=r"not patched: call agentsd.apply_patch"):
         agentsd.compile_unet(unet)
     assert "forward" not in unet.__dict__
+    agentsd.apply_patch(unet, ratio=0.4)
+    with pytest.raises(RuntimeError, match="mode=fastest"):  # torch.compile's own check, before any change
+        agentsd.compile_unet(unet, mode="fastest")
+    for dynamic in (None, True):
+        with pytest.raises(ValueError, match=rf"dynamic must be False \(the default\), got {dynamic}"):
+            agentsd.compile_unet(unet, dynamic=dynamic)
+    assert agentsd.patch._get_hook(unet).compiled is None
+    agentsd.remove_patch(unet)
 
 
 def test_whole_model_compile_survives_aot_autograd_with_every_stage_merged():
