@@ -3,6 +3,10 @@
     python benchmarks/compile_time.py                        # tiny SD 1.x and SDXL UNets of the tests
     python benchmarks/compile_time.py --unets sd15 sdxl      # full-size architectures, random weights
 
+Modes: ``regional`` (``compile_repeated_blocks(fullgraph=True)``), ``whole`` (``torch.compile(unet,
+fullgraph=True)``) and ``compile-unet`` (patched: ``agentsd.compile_unet(unet, fullgraph=True)``, a graph
+per phase; unpatched: as ``whole``).
+
 Each case runs in a fresh process with an empty inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``:
 the kernels compiled by an earlier run, which inductor keeps on disk across processes, would otherwise
 make a rerun several seconds faster than a user's first compile; the FX graph and autotune caches are
@@ -61,6 +65,8 @@ def one_case(unet_name: str, mode: str, patched: bool, resolution: int) -> float
     if mode == "regional":
         unet.compile_repeated_blocks(fullgraph=True)
         model = unet
+    elif mode == "compile-unet" and patched:
+        model = agentsd.compile_unet(unet, fullgraph=True)
     else:
         model = torch.compile(unet, fullgraph=True)
 
@@ -81,7 +87,9 @@ def main() -> None:
     parser.add_argument(
         "--unets", nargs="+", choices=[*TINY, *FULL_SIZE], default=list(TINY), help="default: the two tiny UNets"
     )
-    parser.add_argument("--modes", nargs="+", choices=["regional", "whole"], default=["regional", "whole"])
+    parser.add_argument(
+        "--modes", nargs="+", choices=["regional", "whole", "compile-unet"], default=["regional", "whole"]
+    )
     parser.add_argument("--resolution", type=int, default=256, help="image side in px of the full-size UNets' calls")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # unet,mode,patched: run one case and print seconds
