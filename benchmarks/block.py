@@ -3,6 +3,8 @@
     python benchmarks/block.py --resolution 768 --repeats 5
     python benchmarks/block.py --resolution 2048 --modes eager --methods sd agent-phase ceiling \
         --agentsd sx=2,sy=2,agent_ratio=0.95 agent_ratio=0.9,sx=4,sy=4   # a knob study
+    python benchmarks/block.py --device cuda --dtype float16 --resolution 512 --repeats 20 \
+        --compiler-mode reduce-overhead --methods sd todo agent-phase ceiling --profile 12   # where a GPU's time goes
 
 A whole-UNet forward mixes the blocks that merging speeds up with convolutions and unmerged levels,
 so its ratios move with everything else. This times the one block that the ratio is about: the
@@ -22,6 +24,12 @@ first layer, which sets its patch's per-call state (phase, grid layouts, latent 
 forward runs (a 2048 px SD 1.5 forward is about 11 min on 2 CPU cores): for the top level's first
 block the input is every method's own; for a later block (``--block``) it is the plain UNet's,
 which costs the same (a block's time depends on shapes, not values).
+
+On a GPU (``--device cuda``, ``--dtype float16``) the compiled block can run under CUDA graphs
+(``--compiler-mode reduce-overhead``), where kernel launches cost nothing and what is left is each
+kernel's own time; ``--profile N`` prints, for every variant and mode, the N kernels (device time on a
+GPU, CPU time on the CPU) of one more call that took longest, and how many kernels it ran: where the
+time of a merged block goes, against the plain block's attention.
 """
 
 from __future__ import annotations
@@ -102,6 +110,32 @@ def knobbed(unet: Any, knobs: dict[str, Any] | None) -> Iterator[None]:
         agentsd.remove_patch(unet)
 
 
+def print_profile(label: str, call: Callable[[], Any], device: torch.device, rows: int) -> None:
+    """The ``rows`` kernels of one ``call`` that took longest: device time on a GPU; on the CPU, the ATen
+    operations' own CPU time (their kernels are not profiled apart)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    speed.synchronize(device)
+    with torch.profiler.profile(activities=activities) as profile:
+        call()
+        speed.synchronize(device)
+    on_device = device.type == "cuda"
+    events = [
+        event
+        for event in profile.key_averages()
+        if (event.self_device_time_total if on_device else event.self_cpu_time_total) > 0
+        and (event.device_type == torch.autograd.DeviceType.CUDA) == on_device
+    ]
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    events.sort(key=lambda event: getattr(event, key), reverse=True)
+    total = sum(getattr(event, key) for event in events)
+    what = "kernels" if on_device else "ATen operations"
+    print(f"\n{label}: {sum(event.count for event in events)} {what}, {total / 1e3:.3f} ms in all")
+    for event in events[:rows]:
+        print(f"  {getattr(event, key) / 1e3:8.3f} ms  {event.count:4d}x  {event.key[:100]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
@@ -123,13 +157,27 @@ def main() -> None:
         help="more variants: AgentSD with one fixed phase of these knobs (key=value,...; ratio 0.4 unless given)",
     )
     parser.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--compiler-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default=None,
+        help="torch.compile's mode for the compiled block (reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each call's N longest kernels")
     args = parser.parse_args()
     if args.methods[0] != "sd" or "ceiling" not in args.methods:
         parser.error("argument --methods: must start with sd and include ceiling (the two ends of the scale)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda is not available on this machine (choose cpu)")
+    if args.profile < 0:
+        parser.error(f"argument --profile: expected a kernel count of 0 or more, got {args.profile}")
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    unet = ARCHS[args.arch].build_unet().eval()
+    unet = ARCHS[args.arch].build_unet(device=device, dtype=getattr(torch, args.dtype)).eval()
     if args.block is None:
         agentsd.apply_patch(unet)  # its default block selection, then gone again
         args.block = agentsd.patch_summary(unet).blocks[0].name
@@ -163,7 +211,8 @@ def main() -> None:
                 calls[name]["eager"] = functools.partial(block, *block_args, **block_kwargs)
             if "compiled" in args.modes:
                 for fullgraph in (True, False):
-                    compiled = torch.compile(block, fullgraph=fullgraph, dynamic=False)
+                    options = speed.compile_options("inductor", fullgraph, args.compiler_mode)
+                    compiled = torch.compile(block, **options)
                     try:
                         compiled(*block_args, **block_kwargs)
                         break
@@ -178,10 +227,18 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in variants if repeat % 2 == 0 else reversed(list(variants)):
                 for mode, call in calls[name].items():
-                    times[name, mode].append(speed.timed(call, torch.device("cpu")))
+                    times[name, mode].append(speed.timed(call, device))
+        if args.profile:
+            for name, modes in calls.items():
+                for mode, call in modes.items():
+                    print_profile(f"{name}, {mode}", call, device, args.profile)
 
     median = {key: statistics.median(ts) for key, ts in times.items()}
-    print(f"\n{args.arch} `{args.block}` at {args.resolution} px, batch 2, ms per call, median of {args.repeats}:")
+    setting = f"{args.device} {args.dtype}" + (
+        f", compiled with mode {args.compiler_mode}" if args.compiler_mode else ""
+    )
+    where = f"{args.arch} `{args.block}` at {args.resolution} px, batch 2, {setting}"
+    print(f"\n{where}, ms per call, median of {args.repeats}:")
     print("| method | " + " | ".join(f"{mode} | of the way" for mode in args.modes) + " |")
     print("|---|" + "---|---|" * len(args.modes))
     for name in variants:

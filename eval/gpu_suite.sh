@@ -10,6 +10,8 @@
 #
 # Results go to $OUT/gpu-suite (speed.json, speed.csv, speedup.png, log.txt) plus $OUT/environment.txt;
 # $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine);
+# SUITE=gpu-block profiles one top-level block per method at 512/1024 px, eager and compiled with CUDA
+# graphs (benchmarks/block.py --profile; $OUT/gpu-block/log.txt; a few minutes);
 # SUITE=gpu-compile 20-step generations with the whole UNet compiled with CUDA graphs (mode
 # reduce-overhead) at 1024/512 px, after sd, ToDo and the agent phase eager (about 8.5 minutes: a call
 # of its own; on 2026-12-01 its earlier plan, compiled forwards, took 7 min). The gpu suite
@@ -45,6 +47,17 @@ mkdir -p "$OUT/gpu-suite"
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
 export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "$SUITE" == gpu-block ]]; then
+    # Where one top-level block's GPU time goes (benchmarks/block.py --profile), eager and compiled with
+    # CUDA graphs, at 512 and 1024 px: the kernels of sd, ToDo, the agent phase and the ceiling.
+    mkdir -p "$OUT/gpu-block"
+    for px in 512 1024; do
+        timeout "${SUITE_TIMEOUT:-270}" "$PYTHON" benchmarks/block.py --device cuda --dtype float16 \
+            --resolution "$px" --repeats 20 --compiler-mode reduce-overhead --profile 15 \
+            --methods sd todo agent-phase ceiling
+    done 2>&1 | tee "$OUT/gpu-block/log.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 LIMIT=480
 [[ "$SUITE" == gpu-compile ]] && LIMIT=560
 timeout "${SUITE_TIMEOUT:-$LIMIT}" "$PYTHON" eval/speed.py --suite "$SUITE" --out "$OUT/gpu-suite" 2>&1 | tee "$OUT/gpu-suite/log.txt"

@@ -10,6 +10,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -435,18 +436,29 @@ def test_unloadable_model_names_the_flag(speed, tmp_path):
 
 def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
     """benchmarks/block.py: registered methods and --agentsd knob variants on one block, its input
-    captured from a UNet forward stopped at the block; an unknown knob is refused before any work."""
+    captured from a UNet forward stopped at the block, with each call's longest operations
+    (--profile); an unknown knob, a negative profile or a missing device is refused before any work."""
     command = [sys.executable, "benchmarks/block.py", "--arch", "tiny", "--resolution", "64", "--repeats", "1"]
     command += ["--threads", "1", "--modes", "eager", "--methods", "sd", "agent-phase", "ceiling"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [*command, "--agentsd", "sx=2,sy=2,agent_ratio=0.95"], cwd=ROOT, env=env, capture_output=True, text=True
+        [*command, "--agentsd", "sx=2,sy=2,agent_ratio=0.95", "--profile", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split(" | ")[0].strip("| ") for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows == ["method", "sd", "agent-phase", "ceiling", "agentsd[ratio=0.4,sx=2,sy=2,agent_ratio=0.95]"]
-    bad = subprocess.run([*command, "--agentsd", "sx=2,speed=11"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "argument --agentsd" in bad.stderr
+    profiles = re.findall(r"^(\S+), eager: \d+ ATen operations, [\d.]+ ms in all$", done.stdout, re.MULTILINE)
+    assert profiles == rows[1:]
+    bad_input = [(["--agentsd", "sx=2,speed=11"], "argument --agentsd"), (["--profile", "-1"], "argument --profile")]
+    if not torch.cuda.is_available():
+        bad_input.append((["--device", "cuda"], "argument --device: cuda is not available"))
+    for bad, message in bad_input:
+        refused = subprocess.run([*command, *bad], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr
 
 
 def test_forward_benchmark_times_knob_variants_of_the_whole_forward():
