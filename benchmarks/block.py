@@ -121,13 +121,12 @@ def print_profile(label: str, call: Callable[[], Any], device: torch.device, row
         call()
         speed.synchronize(device)
     on_device = device.type == "cuda"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events = [
         event
         for event in profile.key_averages()
-        if (event.self_device_time_total if on_device else event.self_cpu_time_total) > 0
-        and (event.device_type == torch.autograd.DeviceType.CUDA) == on_device
+        if getattr(event, key) > 0 and (event.device_type == torch.autograd.DeviceType.CUDA) == on_device
     ]
-    key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events.sort(key=lambda event: getattr(event, key), reverse=True)
     total = sum(getattr(event, key) for event in events)
     what = "kernels" if on_device else "ATen operations"
