@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,19 @@ def speed():
     threads = torch.get_num_threads()
     yield importlib.import_module("speed")
     torch.set_num_threads(threads)  # --threads changes a process-wide setting
+
+
+def refusal(script: str, argv: list[str], monkeypatch, capsys) -> str:
+    """What ``python <script> <argv>`` prints when it refuses its flags (exit status 2), run in this
+    process: the refusal comes before any work, and a fresh interpreter would only add its imports."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    # As for a script: its folder first on the path (restored after, with what the script adds).
+    monkeypatch.setattr(sys, "path", [str((ROOT / script).parent), *sys.path])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
 
 
 def check_outputs(out: Path, expected: set[tuple[str, int, str]]) -> list[dict]:
@@ -434,7 +448,7 @@ def test_unloadable_model_names_the_flag(speed, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
+def test_block_benchmark_times_a_knob_study_without_whole_forwards(monkeypatch, capsys):
     """benchmarks/block.py: registered methods and --agentsd knob variants on one block, its input
     captured from a UNet forward stopped at the block, with each call's longest operations
     (--profile); an unknown knob, a negative profile or a missing device is refused before any work."""
@@ -457,11 +471,10 @@ def test_block_benchmark_times_a_knob_study_without_whole_forwards(tmp_path):
     if not torch.cuda.is_available():
         bad_input.append((["--device", "cuda"], "argument --device: cuda is not available"))
     for bad, message in bad_input:
-        refused = subprocess.run([*command, *bad], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert refused.returncode == 2 and message in refused.stderr
+        assert message in refusal("benchmarks/block.py", [*command[2:], *bad], monkeypatch, capsys)
 
 
-def test_forward_benchmark_times_knob_variants_of_the_whole_forward():
+def test_forward_benchmark_times_knob_variants_of_the_whole_forward(monkeypatch, capsys):
     """benchmarks/forward.py: whole forwards of the unpatched UNet (--sd) and each --agentsd variant,
     interleaved, with the speed-up over the first; a bad knob or repeat count is refused before any work."""
     command = [sys.executable, "benchmarks/forward.py", "--arch", "tiny", "--resolution", "64", "--threads", "1"]
@@ -488,11 +501,10 @@ def test_forward_benchmark_times_knob_variants_of_the_whole_forward():
         (["--agentsd", "speed=11"], "argument --agentsd"),
         (["--repeats", "0", "--agentsd", "sx=2"], "--repeats"),
     ):
-        refused = subprocess.run([*command, *bad], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert refused.returncode == 2 and message in refused.stderr
+        assert message in refusal("benchmarks/forward.py", [*command[2:], *bad], monkeypatch, capsys)
 
 
-def test_ops_benchmark_counts_what_each_method_adds_to_a_forward():
+def test_ops_benchmark_counts_what_each_method_adds_to_a_forward(monkeypatch, capsys):
     """benchmarks/ops.py: ATen operations of one forward per method, against the unpatched UNet's: the
     ceiling skips attention (fewer), AgentSD's merging adds some; a bad resolution is refused first."""
     command = [sys.executable, "benchmarks/ops.py", "--arch", "tiny", "--resolution", "64"]
@@ -505,5 +517,4 @@ def test_ops_benchmark_counts_what_each_method_adds_to_a_forward():
     assert list(rows) == ["sd", "ceiling", "agent-phase"]
     assert rows["sd"][2] == "+0" and int(rows["ceiling"][2]) < 0 < int(rows["agent-phase"][2])
     assert int(rows["agent-phase"][1]) == int(rows["sd"][1]) + int(rows["agent-phase"][2])
-    bad = subprocess.run([*command[:-1], "100"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "argument --resolution" in bad.stderr
+    assert "argument --resolution" in refusal("benchmarks/ops.py", [*command[2:-1], "100"], monkeypatch, capsys)
