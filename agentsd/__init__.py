@@ -7,7 +7,9 @@ agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
 """
 
 from .attention import agent_attention
+from .selection import BlockSite
 from .config import AgentSDConfig, Phase, recipe
+from .diffusers_patch.blocks import select_blocks, top_attention_downsample
 from .merge import MergePlan, TokenMerge, plan_merge
 from .patch import PatchSummary, apply_patch, compile_unet, is_patched, patch_summary, remove_patch
 
@@ -15,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentSDConfig",
+    "BlockSite",
     "MergePlan",
     "PatchSummary",
     "Phase",
@@ -27,4 +30,6 @@ __all__ = [
     "plan_merge",
     "recipe",
     "remove_patch",
+    "select_blocks",
+    "top_attention_downsample",
 ]

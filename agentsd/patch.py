@@ -42,6 +42,8 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import AgentSettings, attend_merged, processor_kwargs
 from .config import AgentSDConfig, Phase
+from .diffusers_patch.blocks import find_unet as _find_unet
+from .diffusers_patch.blocks import transformer_blocks, unsupported_blocks
 from .merge import GridLayout, MergePlan, draw_keys, plan_merge
 
 logger = logging.getLogger("agentsd")
@@ -625,54 +627,6 @@ class PatchSummary:
         return "\n".join(lines)
 
 
-def _find_unet(model: Any) -> torch.nn.Module:
-    unet = getattr(model, "unet", model)
-    if isinstance(unet, torch.nn.Module) and all(
-        hasattr(unet, name) for name in ("down_blocks", "up_blocks", "conv_in")
-    ):
-        return unet
-    transformer = getattr(model, "transformer", model)
-    if isinstance(transformer, torch.nn.Module) and "Transformer" in type(transformer).__name__:
-        raise TypeError(
-            f"{type(model).__name__} is built on a transformer ({type(transformer).__name__}), not a UNet: "
-            "AgentSD patches the UNet of Stable Diffusion 1.x, 2.x and SDXL pipelines; transformer models "
-            "(SD3, Flux, PixArt, DiT, ...) are not supported"
-        )
-    raise TypeError(
-        f"model must be a diffusers pipeline with a `.unet` or a UNet2DConditionModel, got {type(model).__name__}"
-    )
-
-
-def _other_transformer_blocks(unet: torch.nn.Module) -> list[str]:
-    """Class names of transformer blocks in ``unet`` that are not ``BasicTransformerBlock`` (left unpatched)."""
-    return sorted(
-        {
-            type(module).__name__
-            for module in unet.modules()
-            if type(module).__name__.endswith("TransformerBlock") and not isinstance(module, BasicTransformerBlock)
-        }
-    )
-
-
-def _transformer_blocks(unet: torch.nn.Module) -> list[tuple[str, BasicTransformerBlock, int]]:
-    """Every ``BasicTransformerBlock`` of the UNet with its downsample factor (1 = latent resolution).
-
-    The factor follows from where the block sits: down block i and up block (n - 1 - i) work at
-    2**i, the mid block at the coarsest level. Blocks are listed in the order they run.
-    """
-    levels = len(unet.down_blocks)
-    scopes = [(f"down_blocks.{i}", unet.down_blocks[i], 2**i) for i in range(levels)]
-    if getattr(unet, "mid_block", None) is not None:
-        scopes.append(("mid_block", unet.mid_block, 2 ** (levels - 1)))
-    scopes += [(f"up_blocks.{i}", unet.up_blocks[i], 2 ** (levels - 1 - i)) for i in range(len(unet.up_blocks))]
-    found = []
-    for prefix, scope, downsample in scopes:
-        for name, module in scope.named_modules():
-            if isinstance(module, BasicTransformerBlock):
-                found.append((f"{prefix}.{name}", module, downsample))
-    return found
-
-
 def _merging_stages(config: AgentSDConfig, block: BasicTransformerBlock) -> list[Stage]:
     """The parts of ``block`` that run on merged tokens under ``config``, in the order they run."""
     wanted = {
@@ -766,8 +720,8 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
         raise TypeError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}")
     config = config if config is not None else AgentSDConfig(**knobs)
     unet = _find_unet(model)
-    blocks = _transformer_blocks(unet)
-    others = _other_transformer_blocks(unet)
+    blocks = [(site.name, site.module, site.downsample) for site in transformer_blocks(unet)]
+    others = unsupported_blocks(unet)
     if not blocks:
         found = f"; its transformer blocks are {', '.join(others)}, which AgentSD does not support" if others else ""
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch{found}")

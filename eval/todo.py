@@ -37,7 +37,8 @@ from diffusers.models.attention_processor import Attention
 from agentsd.attention import layer_keys_values, layer_output, layer_queries
 
 # AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
-from agentsd.patch import DEFAULT_NUM_TRAIN_TIMESTEPS, _call_argument, _transformer_blocks
+from agentsd import select_blocks
+from agentsd.patch import DEFAULT_NUM_TRAIN_TIMESTEPS, _call_argument
 
 HOOK_NAME = "todo"
 
@@ -162,7 +163,11 @@ def apply_todo(
     registry = getattr(unet, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(HOOK_NAME) is not None:
         raise ValueError("this UNet already carries ToDo; remove it first")
-    attns = [(block.attn1, downsample) for _, block, downsample in _transformer_blocks(unet) if downsample in factors]
+    attns = [
+        (site.module.attn1, site.downsample)
+        for site in select_blocks(unet, max_downsample=max(factors))
+        if site.downsample in factors
+    ]
     if not attns:
         raise ValueError(f"no transformer block at downsample {sorted(factors)} in this UNet")
     state = ToDoState(stop_after=stop_after, num_train_timesteps=num_train_timesteps, mode=mode)
