@@ -44,7 +44,8 @@ from .attention import AgentSettings, attend_merged, processor_kwargs
 from .config import AgentSDConfig, Phase
 from .diffusers_patch.blocks import find_unet as _find_unet
 from .diffusers_patch.blocks import transformer_blocks, unsupported_blocks
-from .merge import GridLayout, MergePlan, draw_keys, plan_merge
+from .layout import GridLayout, draw_keys
+from .merge import MergePlan, make_layout, make_plan, merges_any
 
 logger = logging.getLogger("agentsd")
 
@@ -218,38 +219,6 @@ def _runs_at_one_level(blocks: list[BlockState]) -> list[list[BlockState]]:
         else:
             runs.append([block])
     return runs
-
-
-def merges_any(grid: tuple[int, int], phase: Phase) -> bool:
-    """Whether ``phase`` merges any token of an (h, w) ``grid``."""
-    h, w = grid
-    return int(h * w * phase.ratio) > 0
-
-
-def make_layout(
-    grid: tuple[int, int], phase: Phase, key: torch.Tensor | None, device: torch.device
-) -> GridLayout | None:
-    """Destinations and sources of an (h, w) ``grid`` in ``phase`` (random from ``key``, else fixed), or
-    ``None`` if the phase merges nothing there."""
-    return GridLayout.draw(*grid, phase.sx, phase.sy, key, device) if merges_any(grid, phase) else None
-
-
-def make_plan(phase: Phase, layout: GridLayout | None, metric: torch.Tensor) -> MergePlan | None:
-    """The merge plan for block input ``metric`` [B, N, C] on ``layout`` in ``phase``.
-
-    Everything here is shape arithmetic and dense tensor work: no value of a tensor decides a branch.
-    """
-    if layout is None:
-        return None
-    num_tokens = metric.shape[1]
-    if num_tokens != layout.num_tokens:
-        logger.warning(
-            "agentsd: a block expected a grid of %d tokens but got %d; it runs unmerged",
-            layout.num_tokens,
-            num_tokens,
-        )
-        return None
-    return plan_merge(metric, layout, r=int(num_tokens * phase.ratio), agent_r=int(num_tokens * phase.agent_ratio))
 
 
 try:  # registers torch.ops.prims.inductor_force_stride_order, private to inductor but with an eager kernel

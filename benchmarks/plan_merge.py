@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from agentsd.merge import GridLayout, draw_keys, plan_merge
+from agentsd.layout import GridLayout, draw_keys
+from agentsd.merge import plan_merge
 
 PHASES = {"agent phase (sx=sy=4, agent_ratio 0.95)": (4, 0.95), "ToMe phase (sx=sy=2)": (2, 0.5)}
 SIDES = (64, 96, 128)  # 4,096 / 9,216 / 16,384 tokens: 512 / 768 / 1024 px

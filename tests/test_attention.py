@@ -7,7 +7,8 @@ from reference import agent_attention_reference
 
 from agentsd import AgentSDConfig, agent_attention
 from agentsd.attention import AgentSettings, attend_merged, processor_kwargs
-from agentsd.patch import BlockState, UNetState, make_plan
+from agentsd.merge import make_plan
+from agentsd.patch import BlockState, UNetState
 
 
 def _qkva(dtype=torch.float32, b=2, h=3, n=50, m=7, d=8, seed=0):

@@ -16,7 +16,8 @@ from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 from torch._dynamo.utils import counters
 
 import agentsd
-from agentsd.merge import GridLayout, draw_keys, plan_merge
+from agentsd.layout import GridLayout, draw_keys
+from agentsd.merge import plan_merge
 from agentsd.patch import HostTimesteps
 
 #: Two agent-phase steps, two ToMe-phase steps, then the agent phase again (recipe switch at t = 600).

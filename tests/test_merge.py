@@ -4,7 +4,8 @@ import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
-from agentsd.merge import GridLayout, best_destinations, destination_positions, draw_keys, plan_merge
+from agentsd.layout import GridLayout, destination_positions, draw_keys
+from agentsd.merge import best_destinations, plan_merge
 
 
 def _key(seed, t=981, block=0):

@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import agentsd
-from agentsd.merge import SCORE_BLOCK, SCORE_ELEMENTS, GridLayout, best_destinations, plan_merge, score_rows
+from agentsd.layout import GridLayout
+from agentsd.merge import SCORE_BLOCK, SCORE_ELEMENTS, best_destinations, plan_merge, score_rows
 
 FLOAT = 4  # bytes
 

@@ -10,7 +10,7 @@ from tiny import tiny_scheduler, tiny_unet
 
 import agentsd
 from agentsd import AgentSDConfig, Phase
-from agentsd.merge import GridLayout
+from agentsd.layout import GridLayout
 from agentsd.patch import BlockState, UNetState
 
 
