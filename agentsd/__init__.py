@@ -7,11 +7,20 @@ agentsd.remove_patch(pipe)             # back to exactly the pipeline it was
 """
 
 from .attention import agent_attention
-from .selection import BlockSite
 from .config import AgentSDConfig, Phase, recipe
-from .diffusers_patch.blocks import select_blocks, top_attention_downsample
+from .diffusers_patch import (
+    PatchSummary,
+    apply_patch,
+    compile_unet,
+    is_patched,
+    patch_summary,
+    patched,
+    remove_patch,
+    select_blocks,
+    top_attention_downsample,
+)
 from .merge import MergePlan, TokenMerge, plan_merge
-from .patch import PatchSummary, apply_patch, compile_unet, is_patched, patch_summary, remove_patch
+from .selection import BlockSite
 
 __version__ = "0.1.0"
 
@@ -27,6 +36,7 @@ __all__ = [
     "compile_unet",
     "is_patched",
     "patch_summary",
+    "patched",
     "plan_merge",
     "recipe",
     "remove_patch",

@@ -76,15 +76,18 @@ class Phase:
 
     @property
     def uses_agents(self) -> bool:
-        """Whether agents pass the half rule, ``(N - agent_r) * 2 < N - r``, written for fractions.
+        """Whether agents pass the half rule, ``(N - agent_r) * 2 < N - r``, written for fractions
+        (never at ratio 0, which merges nothing).
 
         A block's integer rounding can tip a case that sits exactly on the boundary; the blocks
         decide with their own token counts.
         """
-        return (1 - self.agent_ratio) * 2 < 1 - self.ratio
+        return self.ratio > 0 and (1 - self.agent_ratio) * 2 < 1 - self.ratio
 
     def describe(self) -> str:
         """One line: what a patched block does in this phase."""
+        if self.ratio == 0:
+            return "unmerged (ratio 0)"
         cells = f"sx=sy={self.sx}" if self.sx == self.sy else f"sx={self.sx}, sy={self.sy}"
         kind = f"agent attention (agent_ratio {self.agent_ratio:g})" if self.uses_agents else "ToMe"
         return f"{kind}, ratio {self.ratio:g}, {cells}"

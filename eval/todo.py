@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 
-# The layer's own projections and output, as AgentSD's agent attention uses them.
-from agentsd.attention import layer_keys_values, layer_output, layer_queries
-
 # AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
 from agentsd import select_blocks
-from agentsd.patch import DEFAULT_NUM_TRAIN_TIMESTEPS, _call_argument
+from agentsd.diffusers_patch.api import DEFAULT_NUM_TRAIN_TIMESTEPS
+from agentsd.diffusers_patch.forwards import call_argument as _call_argument
+
+# The layer's own projections and output, as AgentSD's agent attention uses them.
+from agentsd.diffusers_patch.layers import layer_keys_values, layer_output, layer_queries
 
 HOOK_NAME = "todo"
 

@@ -2,13 +2,20 @@
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor2_0,
+    CustomDiffusionAttnProcessor2_0,
+    PAGIdentitySelfAttnProcessor2_0,
+)
 from reference import agent_attention_reference
 
 from agentsd import AgentSDConfig, agent_attention
-from agentsd.attention import AgentSettings, attend_merged, processor_kwargs
+from agentsd.diffusers_patch.forwards import stage_forward
+from agentsd.diffusers_patch.layers import accepted_keywords, processor_kwargs
+from agentsd.diffusers_patch.state import BlockState, UNetState
+from agentsd.diffusers_patch.timesteps import NoiseRule
 from agentsd.merge import make_plan
-from agentsd.patch import BlockState, UNetState
 
 
 def _qkva(dtype=torch.float32, b=2, h=3, n=50, m=7, d=8, seed=0):
@@ -35,13 +42,20 @@ def test_agent_attention_low_precision_and_fp32_upcast(dtype):
     assert (upcast.float() - exact).abs().max() <= (plain.float() - exact).abs().max() + 1e-3
 
 
-def _plan(metric, h, w, **phase):
+def _stage(**phase):
+    """A patched block's ``attn1`` stage (not installed), and a function giving its plan for a metric."""
     config = AgentSDConfig(schedule="fixed", use_rand=False, **phase)
-    unet = UNetState(config=config, num_train_timesteps=1000)
+    unet = UNetState(config=config, rule=NoiseRule(1000))
     block = BlockState(unet=unet, index=0, downsample=1)
     unet.blocks.append(block)
-    unet.start_call(torch.zeros(1, 4, h, w), 999)
-    return AgentSettings.of(config), make_plan(config.phases[0], block.layout, metric)
+    unet.start_call(torch.zeros(1, 4, 8, 8), 999)
+    attn = _attention()
+
+    def run(x, plan, *args, **kwargs):
+        block.plan = plan
+        return stage_forward(attn, block, "attn1")(x, *args, **kwargs)
+
+    return attn, run, lambda metric: make_plan(config.phases[0], block.layout, metric)
 
 
 def _attention(seed=0):
@@ -50,13 +64,13 @@ def _attention(seed=0):
 
 
 def test_self_attention_with_agents_equals_plain_implementation():
-    attn = _attention()
+    attn, run, plan_of = _stage(ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
     x = torch.randn(2, 64, 32)
     normed = torch.nn.functional.layer_norm(x, (32,))
-    agents, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    plan = plan_of(x)
     assert plan.agents is not None
     with torch.no_grad():
-        ours = attend_merged(attn, normed, plan, attn, agents)
+        ours = run(normed, plan)
         feats, agents = plan.merge(normed), plan.agents.merge(normed)
         heads = lambda t: t.unflatten(-1, (4, 8)).transpose(1, 2)  # noqa: E731
         out = agent_attention_reference(
@@ -73,30 +87,62 @@ def test_self_attention_with_agents_equals_plain_implementation():
 
 
 def test_without_agents_the_layer_runs_its_own_processor_on_merged_tokens():
-    attn = _attention()
+    attn, run, plan_of = _stage(ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
     x = torch.randn(2, 64, 32)
-    agents, plan = _plan(x, 8, 8, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
+    plan = plan_of(x)
     assert plan.agents is None
     with torch.no_grad():
         expected = plan.unmerge(AttnProcessor2_0()(attn, plan.merge(x)))
-        assert torch.equal(attend_merged(attn, x, plan, attn, agents), expected)
+        assert torch.equal(run(x, plan), expected)
 
 
-def test_agents_are_skipped_for_cross_attention_masks_and_processors_with_weights():
-    """Those calls go through the layer's processor on the merged tokens, so nothing it does is lost."""
-    attn = _attention()
+class _Recorder:
+    """A processor that counts its calls and otherwise computes plain attention (an attention-map recorder)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        self.calls += 1
+        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+@pytest.mark.parametrize(
+    "processor",
+    [
+        lambda: CustomDiffusionAttnProcessor2_0(train_q_out=True, hidden_size=32).eval(),
+        lambda: PAGIdentitySelfAttnProcessor2_0(),
+        _Recorder,
+        lambda: type("SubclassOfSDPA", (AttnProcessor2_0,), {})(),
+    ],
+    ids=["custom-diffusion", "pag", "recorder", "subclass"],
+)
+def test_agents_stand_in_only_for_plain_softmax_processors(processor):
+    """Any other processor (weights, PAG's perturbation, a recorder, a subclass that may do more) is
+    called, on the merged tokens, so nothing it does is lost."""
+    attn, run, plan_of = _stage(ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
     x = torch.randn(2, 64, 32)
-    agents, plan = _plan(x, 8, 8, ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    plan = plan_of(x)
+    attn.set_processor(processor())
+    with torch.no_grad():
+        assert torch.equal(run(x, plan), plan.unmerge(attn(plan.merge(x))))
+    if isinstance(attn.processor, _Recorder):
+        assert attn.processor.calls == 2
+
+
+def test_agents_are_skipped_for_cross_attention_and_masks():
+    """Those calls go through the layer's processor on the merged tokens, with the keywords it accepts."""
+    attn, run, plan_of = _stage(ratio=0.4, sx=4, sy=4, agent_ratio=0.9)
+    x = torch.randn(2, 64, 32)
+    plan = plan_of(x)
     context = torch.randn(2, 5, 32)
     with torch.no_grad():
-        tome = plan.unmerge(attn(plan.merge(x)))
-        assert torch.equal(attend_merged(attn, x, plan, attn, None), tome)
-        call_kwargs, plain = processor_kwargs(attn, (), {"encoder_hidden_states": context, "unknown": 1})
-        assert call_kwargs == {"encoder_hidden_states": context}
-        assert not plain and processor_kwargs(attn, (), {})[1] and not processor_kwargs(attn, (None, x[:, :1]), {})[1]
-        layer = lambda t: attn.processor(attn, t, **call_kwargs)  # noqa: E731
         cross = plan.unmerge(attn(plan.merge(x), encoder_hidden_states=context))
-        assert torch.equal(attend_merged(attn, x, plan, layer, agents if plain else None), cross)
-        attn.set_processor(CustomDiffusionAttnProcessor2_0(train_q_out=True, hidden_size=32).eval())
-        weighted = plan.unmerge(attn(plan.merge(x)))
-        assert torch.equal(attend_merged(attn, x, plan, attn, agents), weighted)
+        assert torch.equal(run(x, plan, encoder_hidden_states=context, unknown=1), cross)
+        masked = plan.unmerge(attn(plan.merge(x), None, torch.zeros(2, 1, plan.tokens.num_merged)))
+        assert torch.equal(run(x, plan, None, torch.zeros(2, 1, plan.tokens.num_merged)), masked)
+    call_kwargs, plain = processor_kwargs(
+        {"encoder_hidden_states": context, "unknown": 1}, accepted_keywords(attn.processor)
+    )
+    assert call_kwargs == {"encoder_hidden_states": context} and not plain
+    assert processor_kwargs({}, frozenset())[1]

@@ -16,9 +16,11 @@ from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 from torch._dynamo.utils import counters
 
 import agentsd
+import agentsd.block
+from agentsd.diffusers_patch.api import get_patch
+from agentsd.diffusers_patch.timesteps import HostTimesteps
 from agentsd.layout import GridLayout, draw_keys
 from agentsd.merge import plan_merge
-from agentsd.patch import HostTimesteps
 
 #: Two agent-phase steps, two ToMe-phase steps, then the agent phase again (recipe switch at t = 600).
 TIMESTEPS = (981, 961, 581, 561, 941)
@@ -170,7 +172,7 @@ def test_on_cuda_each_block_keeps_its_cond_at_the_top_of_the_graph(monkeypatch):
     path, forced here on the CPU, still gives one graph equal to eager, and the blocks of a level trace
     to the same branch code (no block number among their constants), so inductor compiles their
     kernels once."""
-    monkeypatch.setattr(agentsd.patch, "_stage_in_region", agentsd.patch._stage_by_noise_level)
+    monkeypatch.setattr(agentsd.block, "stage_in_region", agentsd.block.stage_by_noise_level)
     unet = tiny_unet("sdxl").eval()
     sample, kwargs = _inputs("sdxl")
     agentsd.apply_patch(unet, ratio=0.4)
@@ -220,7 +222,7 @@ def test_compile_unet_gives_a_graph_per_phase_with_no_cond_equal_to_eager(kind, 
         assert "cond" not in ops
         assert not [op for op in ops if op.split(".")[0] in SYNCING]
         if hasattr(torch.compiler, "nested_compile_region"):  # torch >= 2.8
-            blocks = agentsd.patch._get_hook(unet).state.blocks
+            blocks = get_patch(unet).state.blocks
             regions = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
             assert len(regions) == len(blocks)
             assert len({node.args[0].target for node in regions}) == len({block.downsample for block in blocks})
@@ -275,7 +277,7 @@ def test_compile_unet_needs_a_patched_unet_and_torch_compiles_arguments():
     for dynamic in (None, True):
         with pytest.raises(ValueError, match=rf"dynamic must be False \(the default\), got {dynamic}"):
             agentsd.compile_unet(unet, dynamic=dynamic)
-    assert agentsd.patch._get_hook(unet).compiled is None
+    assert get_patch(unet).unet_forward.compiled is None
     agentsd.remove_patch(unet)
 
 

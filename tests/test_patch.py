@@ -10,8 +10,9 @@ from tiny import tiny_scheduler, tiny_unet
 
 import agentsd
 from agentsd import AgentSDConfig, Phase
+from agentsd.diffusers_patch.state import BlockState, UNetState
+from agentsd.diffusers_patch.timesteps import NoiseRule
 from agentsd.layout import GridLayout
-from agentsd.patch import BlockState, UNetState
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +328,7 @@ def test_processors_are_never_replaced(unet):
 def test_blocks_running_one_after_another_at_a_level_draw_their_layouts_together():
     """Each block gets its own key's layout, and a run of blocks at one level draws theirs with one
     set of ops (one sort; each op is host time on a GPU); fixed layouts are drawn once per grid."""
-    state = UNetState(config=AgentSDConfig(ratio=0.4, schedule="fixed", sx=2, sy=2), num_train_timesteps=1000)
+    state = UNetState(config=AgentSDConfig(ratio=0.4, schedule="fixed", sx=2, sy=2), rule=NoiseRule(1000))
     state.blocks = [BlockState(unet=state, index=i, downsample=d) for i, d in enumerate((1, 1, 2, 2, 2, 1, 1, 1))]
     with CountOps() as counted:
         state.start_call(torch.zeros(2, 4, 16, 12), torch.tensor(981.0))

@@ -1,0 +1,188 @@
+"""The forwards the patch puts on a UNet, its blocks and their layers, and the record that takes them off.
+
+Every module the patch touches gets a new instance ``forward`` and one :class:`Override` record,
+which says what to put back and how to make the forward again for a copy of the model. Each calls
+the forward the module had before (its class's, or another library's instance ``forward``), so
+nothing set up before the patch is skipped.
+
+The blocks and their layers get plain closures, not objects or hooks: dynamo guards a callable
+object (or a ``functools.partial``) by identity, so each block of a regionally compiled UNet would
+compile anew, while a function is guarded by its code and one graph serves all the blocks of a
+level. The UNet's forward is a function too, around the :class:`UNetForward` object that holds its call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..attention import AgentSettings
+from .layers import StageCall, StageName, accepted_keywords, processor_kwargs, runs_plain_softmax
+from .state import BlockState, UNetState
+
+
+def call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
+    """Argument ``name`` of a call, passed at ``position`` or by keyword."""
+    return args[position] if len(args) > position else kwargs[name]
+
+
+class UNetForward:
+    """The UNet's patched ``forward``: starts and ends each call (latent size, timestep, phase) and
+    calls the forward from before the patch.
+
+    Attributes:
+        module: The UNet.
+        state: The UNet's per-call state.
+        previous: The UNet's instance ``forward`` from before the patch, or ``None`` (its class's).
+        class_forward: The ``forward`` function of the UNet's class.
+        compiled: The call compiled by ``compile_unet`` (phase chosen before it), or ``None``.
+    """
+
+    def __init__(self, module: torch.nn.Module, state: UNetState) -> None:
+        self.module = module
+        self.state = state
+        self.previous: Callable[..., Any] | None = module.__dict__.get("forward")
+        self.class_forward = type(module).forward
+        self.compiled: Callable[..., Any] | None = None
+        # What inspect.signature (and so torch.export) reads: the signature of the forward it replaces.
+        self.__wrapped__ = self.previous if self.previous is not None else self.class_forward.__get__(module)
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return self.class_forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        timestep = call_argument(args, kwargs, 1, "timestep")
+        if self.compiled is not None:  # the rest of the start is in the compiled graph
+            self.state.choose_phase(timestep)
+            return self.compiled(*args, **kwargs)
+        self.state.start_call(call_argument(args, kwargs, 0, "sample"), timestep)
+        output = self.original(*args, **kwargs)
+        self.state.end_call()
+        return output
+
+    def phase_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """What ``compile_unet`` compiles: the call's device work and the UNet's own forward, for the
+        phase chosen on the host (dynamo guards on it: a graph per phase)."""
+        sample, timestep = call_argument(args, kwargs, 0, "sample"), call_argument(args, kwargs, 1, "timestep")
+        self.state.start_on_device(sample, timestep)
+        output = self.original(*args, **kwargs)
+        self.state.end_call()
+        return output
+
+
+def unet_forward(call: UNetForward) -> Callable[..., Any]:
+    """The UNet's patched ``forward``: a function (``torch.export`` reads its code and signature) that
+    runs ``call``, reachable as its ``call`` attribute."""
+
+    @functools.wraps(call.__wrapped__)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return call(*args, **kwargs)
+
+    forward.call = call
+    return forward
+
+
+def block_forward(module: torch.nn.Module, state: BlockState) -> Callable[..., Any]:
+    """A block's patched ``forward``: hands the block input to its state (the similarity metric), runs
+    the block, and clears the plan."""
+    previous = module.__dict__.get("forward")
+    class_forward = type(module).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        state.start(call_argument(args, kwargs, 0, "hidden_states"))
+        output = previous(*args, **kwargs) if previous is not None else class_forward(module, *args, **kwargs)
+        state.finish()
+        return output
+
+    return forward
+
+
+def stage_forward(module: torch.nn.Module, state: BlockState, stage: StageName) -> Callable[..., Any]:
+    """The patched ``forward`` of one part of a block (``attn1``, ``attn2`` or ``ff``): it describes the
+    call (:class:`~agentsd.diffusers_patch.layers.StageCall`) and hands it to the block, which merges,
+    runs the layer's own forward (for ``attn1``, agent attention where it may stand in for the
+    processor), and unmerges.
+    """
+    previous = module.__dict__.get("forward")
+    agents = AgentSettings.of(state.config) if stage == "attn1" else None
+    accepted: dict[type, frozenset[str]] = {}
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if stage == "ff" or previous is not None:
+            call = StageCall(module, stage, previous, args, kwargs, None)
+        else:
+            processor = module.processor
+            keywords = accepted.get(type(processor))
+            if keywords is None:  # read once per processor class (traced: every time, keeping the graph pure)
+                keywords = accepted_keywords(processor)
+                if not torch.compiler.is_compiling():
+                    accepted[type(processor)] = keywords
+            given = dict(zip(("encoder_hidden_states", "attention_mask"), args)) | kwargs
+            call_kwargs, plain_self_attention = processor_kwargs(given, keywords)
+            stands_in = agents if plain_self_attention and runs_plain_softmax(module) else None
+            call = StageCall(module, stage, None, (), call_kwargs, stands_in)
+        return state.run(call, hidden_states)
+
+    return forward
+
+
+@dataclass(eq=False)
+class Override:
+    """One module whose ``forward`` the patch replaced: what was there, what is there, and how to
+    make it again for a copy of the module.
+
+    Attributes:
+        module: The module.
+        part: ``"unet"``, ``"block"``, or the stage (``"attn1"``, ``"attn2"``, ``"ff"``).
+        state: The UNet's state (``"unet"``) or the block's.
+        previous: The module's instance ``forward`` from before the patch, or ``None`` (its class's).
+        installed: The patched forward put in place.
+    """
+
+    module: torch.nn.Module
+    part: str
+    state: UNetState | BlockState
+    previous: Callable[..., Any] | None = None
+    installed: Callable[..., Any] | None = None
+
+    def install(self) -> Override:
+        """Put the patched forward on the module, keeping the one it had."""
+        self.previous = self.module.__dict__.get("forward")
+        self.put()
+        return self
+
+    def put(self, stale: Callable[..., Any] | None = None) -> None:
+        """Make the patched forward for this record's module and state, and put it in place of
+        ``stale`` (a copy's forward, still the original's) or on the module."""
+        if self.part == "unet":
+            self.installed = unet_forward(UNetForward(self.module, self.state))
+        elif self.part == "block":
+            self.installed = block_forward(self.module, self.state)
+        else:
+            self.installed = stage_forward(self.module, self.state, self.part)
+        if stale is not None and self.module.__dict__.get("_old_forward") is stale:
+            self.module._old_forward = self.installed
+        else:
+            self.module.forward = self.installed
+
+    def remove(self) -> None:
+        """Put the module's ``forward`` back; past a wrapper that accelerate added on top, if any.
+
+        Accelerate's hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) wrap
+        ``forward`` and call the wrapped one through ``module._old_forward``. If such a hook came after
+        the patch, its wrapper stays and its ``_old_forward`` is pointed past the patch.
+        """
+        module, previous = self.module, self.previous
+        if module.__dict__.get("_old_forward") is self.installed:
+            module._old_forward = previous if previous is not None else type(module).forward.__get__(module)
+        elif module.__dict__.get("forward") is self.installed:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

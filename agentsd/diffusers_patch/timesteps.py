@@ -1,0 +1,189 @@
+"""A UNet call's noise level, read on the host without a device sync, in any scheduler's units.
+
+The schedule's rule is in noise level (:mod:`agentsd.schedule`): ``t / num_train_timesteps`` for the
+timestep ``t`` a pipeline passes its UNet. Almost every scheduler an SD or SDXL pipeline accepts
+passes training timesteps (DDIM, PNDM, LMS, Euler, Heun, DPM-Solver, UniPC, DEIS, LCM, TCD, DDPM,
+KDPM2; fractional ones under Karras sigmas). The EDM schedulers pass ``c_noise = log(sigma) / 4``
+instead: their sigma is mapped to the training timestep of Stable Diffusion's own noise schedule
+with that sigma (:func:`edm_noise_level`), so the agent phase covers the same noise levels whatever
+the scheduler. For any other scheduler the unit is unknown: a warning names it, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("agentsd")
+
+#: Schedulers whose UNet timestep is ``0.25 * log(sigma)`` (EDM preconditioning).
+EDM_SCHEDULERS = frozenset({"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"})
+
+#: Schedulers whose UNet timestep is a training timestep in [0, num_train_timesteps).
+TIMESTEP_SCHEDULERS = frozenset(
+    {
+        "DDIMScheduler",
+        "DDIMParallelScheduler",
+        "DDPMScheduler",
+        "DDPMParallelScheduler",
+        "DEISMultistepScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSDEScheduler",
+        "DPMSolverSinglestepScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "LCMScheduler",
+        "LMSDiscreteScheduler",
+        "PNDMScheduler",
+        "SASolverScheduler",
+        "TCDScheduler",
+        "UniPCMultistepScheduler",
+    }
+)
+
+
+def _sd_log_sigmas(num_train_timesteps: int = 1000) -> list[float]:
+    """log(sigma) of Stable Diffusion's training schedule (scaled linear betas 0.00085 ... 0.012), per timestep."""
+    start, end = 0.00085**0.5, 0.012**0.5
+    log_sigmas, alpha_bar = [], 1.0
+    for t in range(num_train_timesteps):
+        beta = (start + (end - start) * t / (num_train_timesteps - 1)) ** 2
+        alpha_bar *= 1 - beta
+        log_sigmas.append(0.5 * math.log((1 - alpha_bar) / alpha_bar))
+    return log_sigmas
+
+
+SD_LOG_SIGMAS = _sd_log_sigmas()
+
+
+def edm_noise_level(c_noise: torch.Tensor) -> torch.Tensor:
+    """The noise level (``t / 1000`` of SD's schedule) of an EDM UNet timestep ``c_noise = log(sigma) / 4``.
+
+    Linear in log(sigma) between SD's timesteps, clamped to [0, 0.999]. Tensor ops only, so a traced
+    call computes it on the device.
+    """
+    table = torch.tensor(SD_LOG_SIGMAS, dtype=torch.float32, device=c_noise.device)
+    log_sigma = (4 * c_noise.to(torch.float32)).clamp(table[0], table[-1])
+    upper = torch.searchsorted(table, log_sigma.reshape(1)).clamp(1, len(SD_LOG_SIGMAS) - 1)
+    low, high = table[upper - 1], table[upper]
+    t = (upper - 1).to(torch.float32) + (log_sigma.reshape(1) - low) / (high - low)
+    return (t / len(SD_LOG_SIGMAS)).reshape(c_noise.shape)
+
+
+@dataclass
+class NoiseRule:
+    """How a UNet call's timestep becomes its noise level, for the scheduler of its pipeline.
+
+    Attributes:
+        num_train_timesteps: The horizon of ``t / num_train_timesteps``.
+        owner: A weak reference to the pipeline patched, whose ``scheduler`` is read at every call (so a scheduler
+            swapped in later is followed), or ``None`` for a bare UNet: training timesteps.
+        warned: Scheduler classes already warned about.
+    """
+
+    num_train_timesteps: int
+    owner: Any = None
+    warned: set[str] = field(default_factory=set)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The pipeline is not part of the UNet: a copied or unpickled UNet reads training timesteps.
+        return self.__dict__ | {"owner": None}
+
+    def unit(self) -> str:
+        """``"timesteps"`` or ``"edm"``: what the pipeline's current scheduler passes the UNet."""
+        owner = self.owner() if self.owner is not None else None
+        scheduler = getattr(owner, "scheduler", None)
+        if scheduler is None:
+            return "timesteps"
+        name = type(scheduler).__name__
+        if name in EDM_SCHEDULERS:
+            return "edm"
+        if name not in TIMESTEP_SCHEDULERS and name not in self.warned:
+            self.warned.add(name)
+            warnings.warn(
+                f"agentsd does not know the timestep unit of {name}; its phases follow "
+                f"t / num_train_timesteps ({self.num_train_timesteps}) as for DDIM-like schedulers",
+                stacklevel=4,
+            )
+        return "timesteps"
+
+    def level(self, value: float) -> float:
+        """The noise level of a timestep value read on the host."""
+        if self.unit() == "edm":
+            return float(edm_noise_level(torch.tensor(value)))
+        return value / self.num_train_timesteps
+
+    def level_on_device(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The noise level of a 0-d float32 timestep tensor, computed on its device (traced calls)."""
+        if self.unit() == "edm":
+            return edm_noise_level(timestep)
+        return timestep / self.num_train_timesteps
+
+
+#: Storages of more elements than this are not copied to the host whole (a timestep read from a large
+#: buffer costs one read per call instead).
+MAX_HOST_COPY = 1 << 16
+
+
+@dataclass(eq=False)
+class HostTimesteps:
+    """Gives a call's timestep value on the host without making the host wait for the device each call.
+
+    A pipeline passes views of its scheduler's ``timesteps`` tensor, which lives on the model's
+    device: reading the element of each call would sync once per UNet call. Instead the whole
+    storage behind the view is copied to the host once and each later view of it is read there, at
+    its offset: one read per schedule, none per call. The copy is keyed by the storage itself, held
+    so that its memory cannot be handed to another tensor, and by the version counter that every
+    in-place write bumps, so a rewritten or new schedule is read afresh. Tensors without a version
+    counter (made under ``torch.inference_mode``), tensor subclasses and views of large buffers are
+    read directly: one read per call, as a plain ``float(timestep)``.
+
+    Attributes:
+        storage: The storage copied to the host, or ``None``.
+        dtype: The element type its copy was read as.
+        version: Its version counter when copied.
+        values: Its elements, on the host.
+    """
+
+    storage: torch.UntypedStorage | None = None
+    dtype: torch.dtype | None = None
+    version: int = -1
+    values: list[float] = field(default_factory=list)
+
+    def first_value(self, timestep: torch.Tensor | float) -> float:
+        """The value of ``timestep``'s first element (a Python number is returned as is)."""
+        if not torch.is_tensor(timestep):
+            return float(timestep)
+        if type(timestep) is not torch.Tensor or timestep.is_inference():  # subclasses: storage may not be theirs
+            return float(timestep.flatten()[0])
+        storage = timestep.untyped_storage()
+        if storage.nbytes() // timestep.element_size() > MAX_HOST_COPY:
+            return float(timestep.flatten()[0])
+        if not self._holds(storage, timestep):
+            self.copy(storage, timestep)
+        # A view's first element sits at its storage offset, whatever its shape and strides.
+        return float(self.values[timestep.storage_offset()])
+
+    def _holds(self, storage: torch.UntypedStorage, timestep: torch.Tensor) -> bool:
+        return (
+            self.storage is not None
+            and storage.data_ptr() == self.storage.data_ptr()
+            and storage.device == self.storage.device
+            and storage.nbytes() == self.storage.nbytes()
+            and timestep.dtype == self.dtype
+            and timestep._version == self.version
+        )
+
+    def copy(self, storage: torch.UntypedStorage, timestep: torch.Tensor) -> None:
+        """Copy ``storage``, the one behind ``timestep``, to the host: the one read of a schedule."""
+        whole = timestep.new_empty(0).set_(storage)  # the whole storage, as timestep's dtype
+        self.storage, self.dtype, self.version = storage, timestep.dtype, timestep._version
+        self.values = whole.tolist()
