@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from numbers import Real
+from numbers import Integral, Real
 from typing import Literal
 
 #: Reference defaults of a single phase (the knobs of the upstream code).
@@ -34,8 +34,19 @@ def _check_fraction(name: str, value: object) -> None:
 
 
 def _check_stride(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _plain(instance: object, *names: str) -> None:
+    """Store the numbers ``names`` of a frozen dataclass as Python ints and floats (NumPy scalars are
+    accepted, but a traced call must see plain constants)."""
+    for name in names:
+        value = getattr(instance, name)
+        if isinstance(value, Integral):
+            object.__setattr__(instance, name, int(value))
+        elif isinstance(value, Real):
+            object.__setattr__(instance, name, float(value))
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -73,6 +84,7 @@ class Phase:
         _check_stride("sy", self.sy)
         if isinstance(self.min_t, bool) or not isinstance(self.min_t, Real) or not 0 <= self.min_t <= 1:
             raise ValueError(f"min_t must be a number in [0, 1], got {self.min_t!r}")
+        _plain(self, "ratio", "agent_ratio", "sx", "sy", "min_t")
 
     @property
     def uses_agents(self) -> bool:
@@ -169,10 +181,15 @@ class AgentSDConfig:
             raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             _check_bool(name, getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
         if self.num_train_timesteps is not None:
             _check_stride("num_train_timesteps", self.num_train_timesteps)
+        for name, check in (("agent_ratio", _check_fraction), ("sx", _check_stride), ("sy", _check_stride)):
+            if getattr(self, name) is not None:
+                check(name, getattr(self, name))
+        _plain(self, "ratio", "agent_ratio", "sx", "sy", "max_downsample", "k_scale2", "k_shortcut", "seed")
+        _plain(self, "num_train_timesteps")
         object.__setattr__(self, "phases", self._resolve_phases())
 
     def _resolve_phases(self) -> tuple[Phase, ...]:

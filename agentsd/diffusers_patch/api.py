@@ -152,7 +152,12 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
         if not stages:
             continue
         block = BlockState(
-            unet=state, index=len(state.blocks), downsample=site.downsample, name=site.name, last_stage=stages[-1]
+            unet=state,
+            index=len(state.blocks),
+            downsample=site.downsample,
+            name=site.name,
+            last_stage=stages[-1],
+            cross_only=bool(getattr(site.module, "only_cross_attention", False)),
         )
         state.blocks.append(block)
         patch.overrides.append(Override(site.module, "block", block).install())
@@ -169,7 +174,8 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             else "merge_attn, merge_crossattn and merge_mlp are all False"
         )
         warnings.warn(f"agentsd patched none of the {len(sites)} transformer blocks: {why}", stacklevel=2)
-    logger.info("%s", patch_summary(model))
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("%s", patch_summary(model))
     return model
 
 

@@ -42,10 +42,10 @@ class UNetForward:
         compiled: The call compiled by ``compile_unet`` (phase chosen before it), or ``None``.
     """
 
-    def __init__(self, module: torch.nn.Module, state: UNetState) -> None:
+    def __init__(self, module: torch.nn.Module, state: UNetState, previous: Callable[..., Any] | None) -> None:
         self.module = module
         self.state = state
-        self.previous: Callable[..., Any] | None = module.__dict__.get("forward")
+        self.previous = previous
         self.class_forward = type(module).forward
         self.compiled: Callable[..., Any] | None = None
         # What inspect.signature (and so torch.export) reads: the signature of the forward it replaces.
@@ -88,10 +88,11 @@ def unet_forward(call: UNetForward) -> Callable[..., Any]:
     return forward
 
 
-def block_forward(module: torch.nn.Module, state: BlockState) -> Callable[..., Any]:
+def block_forward(
+    module: torch.nn.Module, state: BlockState, previous: Callable[..., Any] | None
+) -> Callable[..., Any]:
     """A block's patched ``forward``: hands the block input to its state (the similarity metric), runs
-    the block, and clears the plan."""
-    previous = module.__dict__.get("forward")
+    the block (``previous``, its instance ``forward`` before the patch, or its class's), and clears the plan."""
     class_forward = type(module).forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -103,13 +104,14 @@ def block_forward(module: torch.nn.Module, state: BlockState) -> Callable[..., A
     return forward
 
 
-def stage_forward(module: torch.nn.Module, state: BlockState, stage: StageName) -> Callable[..., Any]:
+def stage_forward(
+    module: torch.nn.Module, state: BlockState, stage: StageName, previous: Callable[..., Any] | None = None
+) -> Callable[..., Any]:
     """The patched ``forward`` of one part of a block (``attn1``, ``attn2`` or ``ff``): it describes the
     call (:class:`~agentsd.diffusers_patch.layers.StageCall`) and hands it to the block, which merges,
     runs the layer's own forward (for ``attn1``, agent attention where it may stand in for the
-    processor), and unmerges.
+    processor), and unmerges. ``previous``: the module's instance ``forward`` before the patch, if any.
     """
-    previous = module.__dict__.get("forward")
     agents = AgentSettings.of(state.config) if stage == "attn1" else None
     accepted: dict[type, frozenset[str]] = {}
 
@@ -161,11 +163,11 @@ class Override:
         """Make the patched forward for this record's module and state, and put it in place of
         ``stale`` (a copy's forward, still the original's) or on the module."""
         if self.part == "unet":
-            self.installed = unet_forward(UNetForward(self.module, self.state))
+            self.installed = unet_forward(UNetForward(self.module, self.state, self.previous))
         elif self.part == "block":
-            self.installed = block_forward(self.module, self.state)
+            self.installed = block_forward(self.module, self.state, self.previous)
         else:
-            self.installed = stage_forward(self.module, self.state, self.part)
+            self.installed = stage_forward(self.module, self.state, self.part, self.previous)
         if stale is not None and self.module.__dict__.get("_old_forward") is stale:
             self.module._old_forward = self.installed
         else:

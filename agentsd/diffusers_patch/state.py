@@ -13,6 +13,7 @@ same tokens.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import astuple, dataclass, field
 
@@ -25,6 +26,8 @@ from ..merge import MergePlan, make_layout, make_plan, merges_any
 from ..schedule import phase_index
 from .layers import StageCall, StageName
 from .timesteps import HostTimesteps, NoiseRule
+
+logger = logging.getLogger("agentsd")
 
 
 @dataclass
@@ -70,8 +73,14 @@ class UNetState:
         if torch.compiler.is_compiling():
             self.phase = None
             return
-        level = self.rule.level(self.host_timesteps.first_value(timestep))
-        self.phase = self.config.phases[phase_index(self.config.phases, level)]
+        value = self.host_timesteps.first_value(timestep)
+        level = self.rule.level(value)
+        index = phase_index(self.config.phases, level)
+        self.phase = self.config.phases[index]
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "agentsd: timestep %g, noise level %.3f: phase %d, %s", value, level, index, self.phase.describe()
+            )
 
     def start_on_device(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
         """This call's timestep tensor, latent size and random keys; the blocks' layouts if the phase is known."""
@@ -159,6 +168,8 @@ class BlockState:
         metric: This call's block input, the similarity metric (until the block returns).
         layout: The grid layout of the last eager call.
         plan: This call's merge plan, when the phase is known on the host.
+        cross_only: Whether its ``attn1`` attends to the text (``only_cross_attention``, as in the x4
+            upscaler): it has no self-attention, so no agents, and runs ToMe in every phase.
         tokens_seen: Its token count at its last call.
         runs: What each of its stages did at its last eager call.
     """
@@ -168,6 +179,7 @@ class BlockState:
     downsample: int
     name: str = ""
     last_stage: StageName = "attn1"
+    cross_only: bool = False
     metric: torch.Tensor | None = None
     layout: GridLayout | None = None
     plan: MergePlan | None = None

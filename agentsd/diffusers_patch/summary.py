@@ -27,12 +27,14 @@ class PatchedBlock:
         name: Its path in the UNet.
         downsample: Its resolution level (1 = the latent's).
         tokens_seen: Its token count at its last call (``None`` before the first).
+        cross_only: Whether its ``attn1`` attends to the text (no self-attention: ToMe in every phase).
         runs: What each merging stage ran (``"attn1"`` etc.), at its last eager call.
     """
 
     name: str
     downsample: int
     tokens_seen: int | None
+    cross_only: bool = False
     runs: tuple[tuple[str, StageRun], ...] = ()
 
     def ran(self, stage: str = "attn1") -> StageRun | None:
@@ -84,6 +86,12 @@ class PatchSummary:
         )
         spans = phase_spans(config.phases, self.num_train_timesteps)
         lines += [f"  {span}: {phase.describe()}" for span, phase in zip(spans, config.phases)]
+        cross_only = sum(block.cross_only for block in self.blocks)
+        if cross_only:
+            lines.append(
+                f"  {cross_only} of the {len(self.blocks)} blocks have no self-attention (attn1 attends to the "
+                "text, only_cross_attention): no agents there, ToMe in every phase"
+            )
         if self.steps:
             total = self.steps[-1][1] + 1
             ranges = ", ".join(
@@ -129,7 +137,9 @@ def scheduler_steps(owner: Any, rule: NoiseRule, config: AgentSDConfig) -> tuple
 def summarize(state: UNetState, max_downsample: int, total_blocks: int, owner: Any = None) -> PatchSummary:
     """The :class:`PatchSummary` of a patched UNet's state (``owner``: the pipeline, if any)."""
     blocks = tuple(
-        PatchedBlock(block.name, block.downsample, block.tokens_seen, tuple(sorted(block.runs.items())))
+        PatchedBlock(
+            block.name, block.downsample, block.tokens_seen, block.cross_only, tuple(sorted(block.runs.items()))
+        )
         for block in state.blocks
     )
     scheduler, steps = scheduler_steps(owner, state.rule, state.config)
