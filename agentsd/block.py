@@ -55,12 +55,10 @@ class Stage(Protocol):
     def output(self, plan: MergePlan | None, x: torch.Tensor) -> torch.Tensor: ...
 
 
-try:  # registers torch.ops.prims.inductor_force_stride_order, private to inductor but with an eager kernel
-    import torch._inductor.inductor_prims  # noqa: F401
+# Registers torch.ops.prims.inductor_force_stride_order: private to inductor, with an eager kernel.
+import torch._inductor.inductor_prims  # noqa: E402, F401
 
-    _FORCE_STRIDE = torch.ops.prims.inductor_force_stride_order.default
-except (ImportError, AttributeError):  # pragma: no cover - a torch without it
-    _FORCE_STRIDE = None
+_FORCE_STRIDE = torch.ops.prims.inductor_force_stride_order.default
 
 
 def cond_operand(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +70,7 @@ def cond_operand(t: torch.Tensor) -> torch.Tensor:
     pins the layout; outside inductor it is ``t.contiguous()``.
     """
     t = t.contiguous()
-    return t if _FORCE_STRIDE is None else _FORCE_STRIDE(t, t.stride())
+    return _FORCE_STRIDE(t, t.stride())
 
 
 def stage_by_noise_level(

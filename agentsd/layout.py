@@ -28,7 +28,7 @@ def _int32(value: int) -> int:
     constant may be any member of its residue class. What is added to or multiplied with an
     ``arange`` must be the signed one: inductor folds such arithmetic into the kernel's index
     expression, which Triton evaluates in int32 and where a literal of 2**31 or more does not
-    compile ("Scalar 3266489909 is out of range for type int32", torch 2.11 on an H200); a product
+    compile ("Scalar 3266489909 is out of range for type int32" from Triton); a product
     that wraps there still has the right low 32 bits, which is all the mask keeps.
     """
     value &= _MASK32

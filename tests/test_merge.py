@@ -80,8 +80,8 @@ def test_the_random_stream_is_pinned():
 
 def test_hash_constants_compile_in_int32_index_arithmetic():
     """Inductor folds sums and products of an ``arange`` with constants into the kernel's index, which
-    Triton evaluates in int32: a constant of 2**31 or more there does not compile (seen on an H200 with
-    torch 2.11, whole-model compile). Every add/mul constant in the traced hash must fit in int32."""
+    Triton evaluates in int32: a constant of 2**31 or more there does not compile on CUDA. Every
+    add/mul constant in the traced hash must fit in int32."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def hash_ops(timestep: torch.Tensor) -> torch.Tensor:
