@@ -35,7 +35,7 @@ from diffusers import (
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet
 
 import agentsd
-from agentsd.diffusers_patch.timesteps import SD_LOG_SIGMAS
+from agentsd.schedule import SD_LOG_SIGMAS
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

@@ -12,12 +12,13 @@ the scheduler. For any other scheduler the unit is unknown: a warning names it, 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..schedule import edm_noise_level
 
 logger = logging.getLogger("agentsd")
 
@@ -48,34 +49,6 @@ TIMESTEP_SCHEDULERS = frozenset(
         "UniPCMultistepScheduler",
     }
 )
-
-
-def _sd_log_sigmas(num_train_timesteps: int = 1000) -> list[float]:
-    """log(sigma) of Stable Diffusion's training schedule (scaled linear betas 0.00085 ... 0.012), per timestep."""
-    start, end = 0.00085**0.5, 0.012**0.5
-    log_sigmas, alpha_bar = [], 1.0
-    for t in range(num_train_timesteps):
-        beta = (start + (end - start) * t / (num_train_timesteps - 1)) ** 2
-        alpha_bar *= 1 - beta
-        log_sigmas.append(0.5 * math.log((1 - alpha_bar) / alpha_bar))
-    return log_sigmas
-
-
-SD_LOG_SIGMAS = _sd_log_sigmas()
-
-
-def edm_noise_level(c_noise: torch.Tensor) -> torch.Tensor:
-    """The noise level (``t / 1000`` of SD's schedule) of an EDM UNet timestep ``c_noise = log(sigma) / 4``.
-
-    Linear in log(sigma) between SD's timesteps, clamped to [0, 0.999]. Tensor ops only, so a traced
-    call computes it on the device.
-    """
-    table = torch.tensor(SD_LOG_SIGMAS, dtype=torch.float32, device=c_noise.device)
-    log_sigma = (4 * c_noise.to(torch.float32)).clamp(table[0], table[-1])
-    upper = torch.searchsorted(table, log_sigma.reshape(1)).clamp(1, len(SD_LOG_SIGMAS) - 1)
-    low, high = table[upper - 1], table[upper]
-    t = (upper - 1).to(torch.float32) + (log_sigma.reshape(1) - low) / (high - low)
-    return (t / len(SD_LOG_SIGMAS)).reshape(c_noise.shape)
 
 
 @dataclass
