@@ -169,7 +169,7 @@ def sd15_unet_config(layout: str = "tiny") -> dict[str, Any]:
 
 
 def random_sd15(layout: str = "tiny", seed: int = 0) -> Any:
-    """A ComfyUI SD 1.x model (a ``ModelPatcher``) with seeded random weights (std 0.02, norms at 1/0).
+    """A ComfyUI SD 1.x model (a ``ModelPatcher``) with seeded random weights (norms at 1 and 0).
 
     ``small`` and ``full`` go through ComfyUI's own UNet loader, which detects them as SD15; ``tiny`` is
     wrapped as the loader would wrap it.
@@ -186,16 +186,29 @@ def random_sd15(layout: str = "tiny", seed: int = 0) -> Any:
         for name, parameter in model.diffusion_model.named_parameters():
             if parameter.dim() == 1 and "norm" in name:
                 parameter.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+            else:  # unit-variance activations, as a trained model has: std 1 / sqrt(fan-in)
+                std = parameter[0].numel() ** -0.5 if parameter.dim() > 1 else 0.02
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     if layout == "tiny":
         device = comfy.model_management.get_torch_device()
         return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     return comfy.sd.load_diffusion_model_state_dict(model.diffusion_model.state_dict())
 
 
+def load(model: Any) -> None:
+    """Load ``model`` (a ``ModelPatcher``) with its weight and object patches, as a sampler does.
+
+    The clones of a model share its modules; whatever clone was loaded before is unloaded first
+    (ComfyUI's unpatching), so that the modules hold this one's weights and patches.
+    """
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.load_models_gpu([model])
+
+
 def diffusers_twin(model: Any) -> torch.nn.Module:
-    """A diffusers ``UNet2DConditionModel`` with the weights of ComfyUI SD 1.x model ``model``."""
+    """A diffusers ``UNet2DConditionModel`` with the weights, patches included, of ComfyUI SD 1.x model ``model``."""
     import comfy.utils
     from diffusers import UNet2DConditionModel
 
@@ -216,6 +229,7 @@ def diffusers_twin(model: Any) -> torch.nn.Module:
     )
     assert len(unet.down_blocks) == levels
     names = comfy.utils.unet_to_diffusers(config)
+    load(model)
     comfy_weights = model.model.diffusion_model.state_dict()
     unet.load_state_dict({name: comfy_weights[names[name]] for name in unet.state_dict()})
     return unet.eval()
@@ -254,7 +268,7 @@ def run_prompt(prompt: dict[str, Any]) -> Any:
     """Validate and execute an API-format prompt with ComfyUI's prompt executor.
 
     Returns:
-        The executor (its ``history_result`` holds the outputs, its server's ``messages`` the events).
+        The executor (its ``history_result`` holds the outputs, its ``status_messages`` the events).
 
     Raises:
         ValueError: The prompt does not validate, with ComfyUI's errors.
@@ -266,9 +280,9 @@ def run_prompt(prompt: dict[str, Any]) -> Any:
     if not valid:
         raise ValueError(f"invalid prompt: {error} {node_errors}")
     server = StandInServer()
-    executor = execution.PromptExecutor(server)
+    executor = execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 0})
     executor.execute(prompt, "run", extra_data={}, execute_outputs=outputs)
     if not executor.success:
-        errors = [data for event, data in server.messages if event == "execution_error"]
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
         raise RuntimeError(f"ComfyUI failed to run the prompt: {errors}")
     return executor

@@ -92,7 +92,7 @@ def test_no_extra_can_replace_the_users_torch(dist: dict[str, Path]) -> None:
     requirements = _metadata(dist["wheel"]).get_all("Requires-Dist") or []
     assert [r for r in requirements if r.lower().startswith(TORCH_REPLACERS)] == []
     core = [r for r in requirements if "extra ==" not in r]
-    assert [r for r in core if r.startswith("torch")] == ["torch>=2.1"]
+    assert [r for r in core if r.startswith("torch")] == ["torch>=2.11"]
 
 
 def _running_site_packages() -> list[str]:

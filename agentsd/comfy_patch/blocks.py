@@ -142,6 +142,8 @@ class BlockState:
         """``attn1_replace``: agent attention when agents ride in the queries, else the attention
         the layer would run (or the replace that was there)."""
         agents, self.agents_in_queries = self.agents_in_queries, 0
+        if agents and q.shape[1] != k.shape[1] + agents:
+            raise RuntimeError(_stacked(self.name))
         if not agents:
             if self.previous_replace is not None:
                 return self.previous_replace(q, k, v, extra)
@@ -160,13 +162,22 @@ class BlockState:
         plan, self.plan = self.plan, None
         if plan is None:
             return n
-        if n.shape[1] != plan.tokens.num_merged:
+        merged, agents, self.agents_in_queries = plan.tokens.num_merged, self.agents_in_queries, 0
+        if agents and n.shape[1] == merged + agents:
             # A replace set after AgentSD's ran instead of it, on the queries with the agents in
             # them: their rows are dropped, and the block ran ToMe.
-            n = n[:, : plan.tokens.num_merged]
-            self.agents_in_queries = 0
+            n = n[:, :merged]
             self.last_run = BlockRun(self.last_run.phase, merged=True, agents=False)
+        elif n.shape[1] != merged:
+            raise RuntimeError(_stacked(self.name))
         return plan.unmerge(n)
+
+
+def _stacked(name: str) -> str:
+    return (
+        f"AgentSD: the tokens of block {name} were merged again after AgentSD merged them (ComfyUI's ToMe node "
+        "applied after AgentSD?); use one token-merging node"
+    )
 
 
 @dataclass(eq=False)

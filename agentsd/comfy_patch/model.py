@@ -15,6 +15,7 @@ from typing import Any
 import comfy.supported_models as families
 from comfy.ldm.modules.attention import BasicTransformerBlock
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
+from comfy.patcher_extension import WrappersMP
 
 from ..config import AgentSDConfig
 from ..schedule import phase_spans
@@ -53,11 +54,24 @@ def check_supported(model: Any) -> None:
     options = model.model_options.get("transformer_options", {})
     if OPTIONS_KEY in options:
         raise ValueError("this model already has AgentSD: apply one AgentSD node, on the unpatched model")
+    _refuse_tome(options)
+
+
+def _refuse_tome(options: dict[str, Any]) -> None:
+    """Refuse a model that also has ComfyUI's ToMe node: both would merge the same tokens."""
     for patch in options.get("patches", {}).get("attn1_patch", []):
         if getattr(patch, "__module__", "") == "comfy_extras.nodes_tomesd":
             raise ValueError(
-                "this model has ComfyUI's ToMe node (TomePatchModel): AgentSD merges tokens itself; use one of the two"
+                "this model has ComfyUI's ToMe node (TomePatchModel) and AgentSD: both merge the tokens of "
+                "self-attention; use one of the two"
             )
+
+
+def refuse_tome_at_run(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """An ``APPLY_MODEL`` wrapper: refuses a ToMe node applied after AgentSD, before the UNet runs."""
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    _refuse_tome(options)
+    return executor(*args, **kwargs)
 
 
 def block_sites(diffusion_model: UNetModel) -> list[BlockSite]:
@@ -134,6 +148,8 @@ def apply_agentsd(model: Any, config: AgentSDConfig) -> Any:
     patches["attn1_patch"] = [*patches.get("attn1_patch", []), state.merge]
     patches["attn1_output_patch"] = [state.unmerge, *patches.get("attn1_output_patch", [])]
     options[OPTIONS_KEY] = state
+    if hasattr(patched, "add_wrapper_with_key"):  # ComfyUI's wrappers (since late 2024)
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, OPTIONS_KEY, refuse_tome_at_run)
     logger.info("agentsd: %s", describe(state, model_family(model)))
     return patched
 
