@@ -23,10 +23,12 @@ import comfy_engine  # noqa: E402
 comfy_engine.load_engine()
 
 import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import nodes  # noqa: E402
+from comfy_extras.nodes_freelunch import FreeU_V2  # noqa: E402
 from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM, ModelSamplingDiscrete  # noqa: E402
 from comfy_extras.nodes_tomesd import TomePatchModel  # noqa: E402
 
@@ -122,6 +124,35 @@ def test_clones_of_the_patched_model_run_agentsd(model, inputs) -> None:
     patched = apply_agentsd(model, agentsd.AgentSDConfig())
     expected = unet_forward(patched, inputs, 999)
     assert torch.equal(unet_forward(patched.clone(), inputs, 999), expected)
+
+
+def test_sdxl_is_patched_at_its_top_attention_level() -> None:
+    """SDXL has no attention at the latent's resolution: AgentSD patches the next level, as in diffusers."""
+    config = comfy_engine.sd15_unet_config("tiny") | {
+        "adm_in_channels": 2816,
+        "num_classes": "sequential",
+        "transformer_depth": [0, 1],
+        "transformer_depth_output": [0, 0, 1, 1],
+        "use_linear_in_transformer": True,
+    }
+    sdxl = comfy.supported_models.SDXL(config).get_model({})
+    with torch.no_grad():
+        for parameter in sdxl.diffusion_model.parameters():
+            parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model = comfy.model_patcher.ModelPatcher(sdxl, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patched = apply_agentsd(model, agentsd.AgentSDConfig())
+    assert {block.downsample for block in patched_state(patched).blocks.values()} == {2}
+
+    generator = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 77, 32, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+    uncond = [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 1280)}]]
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = torch.randn(latent.shape, generator=generator)
+    out = comfy.sample.sample(
+        patched, noise, 3, 7.0, "euler", "normal", cond, uncond, latent, disable_pbar=True, seed=0
+    )
+    assert torch.isfinite(out).all()
+    assert all(run.merged for run in block_runs(patched))
 
 
 @pytest.mark.parametrize("family", ["Flux", "SD3", "SVD_img2vid", "Stable_Cascade_C"])
@@ -248,6 +279,15 @@ def test_every_sampler_and_scheduler_runs_both_phases_in_order(model, sampler: s
         out = sample(patched, 4, sampler, scheduler)
         assert torch.isfinite(out).all()
         assert calls[0] == 0 and calls[-1] == 1 and calls == sorted(calls), (scheduler, calls)
+
+
+def test_runs_with_freeu_and_ahead_of_it_in_the_chain(model) -> None:
+    (freeu,) = FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)
+    patched = apply_agentsd(freeu, agentsd.AgentSDConfig(ratio=0.4))
+    calls = phases_per_call(patched)
+    out = sample(patched, 3, "euler", "normal")
+    assert torch.isfinite(out).all() and calls[0] == 0
+    assert not torch.equal(out, sample(apply_agentsd(model, agentsd.AgentSDConfig(ratio=0.4)), 3, "euler", "normal"))
 
 
 def test_denoise_below_the_switch_runs_the_tome_phase_only(model) -> None:
