@@ -17,7 +17,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +140,9 @@ def load_engine(cpu: bool = True) -> Path:
     return root
 
 
-def sd15_unet_config(layout: str = "tiny") -> dict[str, Any]:
+def sd15_unet_config(layout: str = "tiny", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """ComfyUI's unet config of an SD 1.x UNet in one of :data:`SD15_LAYOUTS` (attention at every level
-    but the last of ``full``), float32."""
+    but the last of ``full``), with weights in ``dtype``."""
     shape = SD15_LAYOUTS[layout]
     levels = len(shape["channel_mult"])
     attention = [1] * min(levels, 3) + [0] * (levels - 3)
@@ -156,7 +156,7 @@ def sd15_unet_config(layout: str = "tiny") -> dict[str, Any]:
         "use_spatial_transformer": True,
         "legacy": False,
         "adm_in_channels": None,
-        "dtype": torch.float32,
+        "dtype": dtype,
         "num_heads": 8,
         "transformer_depth": depth,
         "transformer_depth_output": depth_output,
@@ -168,7 +168,7 @@ def sd15_unet_config(layout: str = "tiny") -> dict[str, Any]:
     }
 
 
-def random_sd15(layout: str = "tiny", seed: int = 0) -> Any:
+def random_sd15(layout: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     """A ComfyUI SD 1.x model (a ``ModelPatcher``) with seeded random weights (norms at 1 and 0).
 
     ``small`` and ``full`` go through ComfyUI's own UNet loader, which detects them as SD15; ``tiny`` is
@@ -179,7 +179,7 @@ def random_sd15(layout: str = "tiny", seed: int = 0) -> Any:
     import comfy.sd
     import comfy.supported_models
 
-    config = sd15_unet_config(layout)
+    config = sd15_unet_config(layout, dtype)
     model = comfy.supported_models.SD15(config).get_model({})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -192,7 +192,7 @@ def random_sd15(layout: str = "tiny", seed: int = 0) -> Any:
     if layout == "tiny":
         device = comfy.model_management.get_torch_device()
         return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-    return comfy.sd.load_diffusion_model_state_dict(model.diffusion_model.state_dict())
+    return comfy.sd.load_diffusion_model_state_dict(model.diffusion_model.state_dict(), model_options={"dtype": dtype})
 
 
 def load(model: Any) -> None:
@@ -205,6 +205,26 @@ def load(model: Any) -> None:
 
     comfy.model_management.unload_all_models()
     comfy.model_management.load_models_gpu([model])
+
+
+def unet_call(model: Any, x: torch.Tensor, context: torch.Tensor, timestep: float) -> Callable[[], torch.Tensor]:
+    """One forward of ``model``'s UNet at ``timestep``, as ComfyUI's sampler calls it, ready to run.
+
+    ``model`` is loaded now (:func:`load`); the call runs the diffusion model on ``x`` with text
+    ``context``, with the model's transformer options (its patches) and the sigma of ``timestep``.
+    """
+    load(model)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = sampling.sigma(torch.full((x.shape[0],), float(timestep))).to(x.device)
+    options = dict(model.model_options.get("transformer_options", {}))
+    options |= {"sigmas": sigmas, "cond_or_uncond": [0, 1] * (x.shape[0] // 2) or [0]}
+    t = sampling.timestep(sigmas).float()
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return model.model.diffusion_model(x, t, context=context, transformer_options=options)
+
+    return call
 
 
 def diffusers_twin(model: Any) -> torch.nn.Module:

@@ -66,16 +66,7 @@ def inputs():
 
 def unet_forward(model, inputs, timestep: float) -> torch.Tensor:
     """One forward of ``model``'s UNet at ``timestep``, as ComfyUI's sampler calls it."""
-    x, context = inputs
-    comfy_engine.load(model)
-    sampling = model.get_model_object("model_sampling")
-    sigmas = sampling.sigma(torch.full((x.shape[0],), float(timestep)))
-    options = model.model_options["transformer_options"].copy() if "transformer_options" in model.model_options else {}
-    options |= {"sigmas": sigmas, "cond_or_uncond": [0, 1]}
-    with torch.no_grad():
-        return model.model.diffusion_model(
-            x, sampling.timestep(sigmas).float(), context=context, transformer_options=options
-        )
+    return comfy_engine.unet_call(model, *inputs, timestep)()
 
 
 def block_runs(model) -> list:
