@@ -115,3 +115,15 @@ def stage_by_noise_level(
 #: same for every block: see :func:`~agentsd.layout.draw_keys`). Inductor then lowers and generates the
 #: branches once per level instead of once per block, most of a patched UNet's compile time.
 stage_in_region = torch.compiler.nested_compile_region(stage_by_noise_level)
+
+
+def traced_stage(num_phases: int, on_cuda: bool) -> Callable[..., torch.Tensor]:
+    """The traced stage runner for a call choosing among ``num_phases`` phases on a CUDA device or not.
+
+    The one place the graph depends on the device. On CUDA a ``torch.cond`` stays at the top of the
+    graph, where inductor sees it and runs the graph without CUDA graphs (``mode="reduce-overhead"``;
+    ``compile_unet`` avoids the conds): inside a region it might capture the cond, and the host read
+    of its predicate, in a CUDA graph. One phase has no cond, and its regions are what CUDA graphs
+    capture. Elsewhere the region (one trace for all the blocks of a level) is always used.
+    """
+    return stage_in_region if num_phases == 1 or not on_cuda else stage_by_noise_level

@@ -155,13 +155,21 @@ def _canonical(graph: torch.fx.GraphModule) -> list[tuple]:
     ]
 
 
+def test_only_a_cuda_call_with_several_phases_traces_its_stages_outside_a_region():
+    traced_stage, block = agentsd.block.traced_stage, agentsd.block
+    assert traced_stage(2, on_cuda=True) is block.stage_by_noise_level
+    assert traced_stage(2, on_cuda=False) is block.stage_in_region
+    assert traced_stage(1, on_cuda=True) is block.stage_in_region
+
+
 def test_on_cuda_each_block_keeps_its_cond_at_the_top_of_the_graph(monkeypatch):
     """On CUDA the stages are not compile regions (a top-level torch.cond is one inductor sees, and it
     then leaves the graph out of CUDA graphs; in a region it might capture the cond's host read): that
     path, forced here on the CPU, still gives one graph equal to eager, and the blocks of a level trace
     to the same branch code (no block number among their constants), so inductor compiles their
     kernels once."""
-    monkeypatch.setattr(agentsd.block, "stage_in_region", agentsd.block.stage_by_noise_level)
+    on_cuda = agentsd.block.traced_stage
+    monkeypatch.setattr(agentsd.block, "traced_stage", lambda num_phases, is_cuda: on_cuda(num_phases, True))
     unet = tiny_unet("sdxl").eval()
     sample, kwargs = _inputs("sdxl")
     agentsd.apply_patch(unet, ratio=0.4)
@@ -272,7 +280,7 @@ def test_compile_unet_needs_a_patched_unet_and_torch_compiles_arguments():
 
 def _compile_regions(unet):
     if not getattr(type(unet), "_repeated_blocks", None):
-        pytest.skip(f"diffusers {diffusers.__version__} has no regional compilation (compile_repeated_blocks) for UNets")
+        pytest.skip(f"diffusers {diffusers.__version__} has no regional compilation for UNets (compile_repeated_blocks)")
     unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     return unet
 

@@ -231,12 +231,7 @@ class BlockState:
             return call.output(plan, x)
         phases = tuple(astuple(phase) for phase in (self.config.phases if unet.phase is None else (unet.phase,)))
         level = unet.rule.level_on_device(unet.timestep)
-        # On CUDA a torch.cond stays at the top of the graph, where inductor sees it and runs the
-        # graph without CUDA graphs (mode="reduce-overhead"; compile_unet avoids the conds): inside a
-        # region it might capture the cond, and the host read of its predicate, in a CUDA graph.
-        # One phase has no cond, and its regions are what CUDA graphs capture.
-        in_region = len(phases) == 1 or not x.is_cuda
-        traced_stage = block_runner.stage_in_region if in_region else block_runner.stage_by_noise_level
+        traced_stage = block_runner.traced_stage(len(phases), x.is_cuda)
         return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
 
     def record(self, call: StageCall, plan: MergePlan | None, x: torch.Tensor) -> None:
