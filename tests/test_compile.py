@@ -280,7 +280,7 @@ def test_compile_unet_needs_a_patched_unet_and_torch_compiles_arguments():
 
 def _compile_regions(unet):
     if not getattr(type(unet), "_repeated_blocks", None):
-        pytest.skip(f"diffusers {diffusers.__version__} has no regional compilation for UNets (compile_repeated_blocks)")
+        pytest.skip(f"diffusers {diffusers.__version__} has no compile_repeated_blocks for UNets")
     unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     return unet
 
