@@ -222,6 +222,17 @@ def test_weight_patches_reach_the_patched_blocks(model, inputs) -> None:
     assert torch.equal(unet_forward(model, inputs, 999), unet_forward(model, inputs, 999))
 
 
+def test_a_call_without_sigmas_runs_the_cleanest_phase(model, inputs) -> None:
+    patched = apply_agentsd(model, agentsd.AgentSDConfig(ratio=0.4))
+    comfy_engine.load(patched)
+    options = dict(patched.model_options["transformer_options"])
+    with torch.no_grad():
+        patched.model.diffusion_model(
+            inputs[0], torch.tensor([999.0, 999.0]), context=inputs[1], transformer_options=options
+        )
+    assert [run.phase for run in block_runs(patched)] == [1, 1, 1]
+
+
 def test_noise_level_follows_the_models_own_sampling(model) -> None:
     discrete = model.get_model_object("model_sampling")
     assert noise_level(discrete, float(discrete.timestep(discrete.sigma(torch.tensor(700.0))))) == pytest.approx(0.7)

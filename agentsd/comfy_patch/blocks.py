@@ -232,10 +232,13 @@ class ModelState:
         shape = extra["original_shape"]
         if shape is not self.call_marker:
             self.call_marker = shape
-            sampling = self.base_model.model_sampling
-            timestep = sampling.timestep(extra["sigmas"].flatten()[:1]).to(device=n.device, dtype=torch.float32)[0]
-            value = float(timestep)  # one host read per UNet call
-            level = noise_level(sampling, value)
+            sampling, sigmas = self.base_model.model_sampling, extra.get("sigmas")
+            if sigmas is None:  # called outside ComfyUI's samplers: no noise level, so the cleanest phase
+                timestep, value, level = torch.zeros((), device=n.device), 0.0, 0.0
+            else:
+                timestep = sampling.timestep(sigmas.flatten()[:1]).to(device=n.device, dtype=torch.float32)[0]
+                value = float(timestep)  # one host read per UNet call
+                level = noise_level(sampling, value)
             self.phase_index = phase_index(self.config.phases, level)
             self.phase = self.config.phases[self.phase_index]
             self.timestep = timestep
