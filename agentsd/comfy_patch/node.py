@@ -160,21 +160,9 @@ class AgentSDNode:
             }
         }
 
-    def patch(
-        self,
-        model: Any,
-        ratio: float,
-        schedule: str,
-        agent_ratio: float,
-        sx: int,
-        sy: int,
-        max_downsample: str,
-        use_rand: bool,
-        seed: int,
-        fp32_attention: bool,
-    ) -> tuple[Any]:
-        config = node_config(ratio, schedule, agent_ratio, sx, sy, max_downsample, use_rand, seed, fp32_attention)
-        return (apply_agentsd(model, config),)
+    def patch(self, model: Any, **inputs: Any) -> tuple[Any]:
+        """The patched clone of ``model``; ``inputs`` are the node's other inputs (:func:`node_config`)."""
+        return (apply_agentsd(model, node_config(**inputs)),)
 
 
 NODE_CLASS_MAPPINGS = {"AgentSD": AgentSDNode}
