@@ -31,10 +31,11 @@ for folder in (REPO, EXAMPLES):  # agentsd itself, and the examples' shared modu
 
 from canny import canny  # noqa: E402
 from common import ExampleError, Target, run_cli  # noqa: E402
-from comparison import METHODS, compare, generate, patched, top_attention_downsample, warm_up  # noqa: E402
+from comparison import METHODS, compare, generate, patched, warm_up  # noqa: E402
 from images import contact_sheet, save_png  # noqa: E402
 
 import agentsd  # noqa: E402
+from agentsd import top_attention_downsample  # noqa: E402
 
 TILE = 32  # the tiny pipelines' image size
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--seed", "0"]
