@@ -116,26 +116,28 @@ def _dynamo_count(group: str, key: str | None = None) -> int:
     return counters[group][key] if key else sum(counters[group].values())
 
 
+@dataclass
 class _WorkloadSession:
     """The state of measuring one workload: its calls, the results so far and the warm-ups' seconds."""
 
-    def __init__(
-        self,
-        workload: Workload,
-        target: Any,
-        plan: Sequence[Variant],
-        settings: SpeedSettings,
-        compile_mode: str,
-        progress: Any,
-        estimate: Estimate,
-    ) -> None:
-        self.workload, self.target, self.plan, self.settings = workload, target, plan, settings
-        self.compile_mode, self.progress, self.estimate = compile_mode, progress, estimate
-        self.compiled = compile_mode != "none"
-        self.results = {variant: Measurement() for variant in plan}
-        self.memory_in_warmup = settings.measures_memory(compile_mode) and not settings.extra_memory_call(compile_mode)
-        self.warmups: list[float] = []  # seconds of every variant's warm-up calls, compiling included
-        self.prepared = 0  # variants compiled and warmed up so far
+    workload: Workload
+    target: Any
+    settings: SpeedSettings
+    compile_mode: str
+    progress: Any
+    estimate: Estimate
+    results: dict[Variant, Measurement] = field(default_factory=dict)
+    warmups: list[float] = field(default_factory=list)  # every variant's warm-up seconds, compiling included
+    prepared: int = 0  # variants compiled and warmed up so far
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile_mode != "none"
+
+    @property
+    def memory_in_warmup(self) -> bool:
+        settings, mode = self.settings, self.compile_mode
+        return settings.measures_memory(mode) and not settings.extra_memory_call(mode)
 
     def show(self, variant: Variant, what: str) -> None:
         # Shown while the call runs: a whole generation on a CPU can take many minutes.
@@ -231,6 +233,7 @@ class _WorkloadSession:
 
     def run_group(self, group: Sequence[Variant]) -> None:
         """Prepare, time and measure the memory of variants that share one compile cache."""
+        self.results.update({variant: Measurement() for variant in group})
         with ExitStack() as ready:
             if self.compiled:
                 torch._dynamo.reset()
@@ -257,11 +260,11 @@ def measure(
     variants done so far after each one that runs alone but the last (whole model: a minute of
     compiling each on a GPU, so a run stopped at its time limit keeps those done).
     """
-    session = _WorkloadSession(workload, target, plan, settings, compile_mode, progress, estimate)
+    session = _WorkloadSession(workload, target, settings, compile_mode, progress, estimate)
     # Whole-model compilation runs each variant alone on a fresh cache.
     groups = [[variant] for variant in plan] if compile_mode == "full" else [list(plan)]
     for group in groups:
         session.run_group(group)
         if len(groups) > 1 and session.prepared < len(plan):  # after the last, the caller reports the whole workload
             measured({variant: session.results[variant] for variant in plan[: session.prepared]})
-    return session.results
+    return {variant: session.results[variant] for variant in plan}

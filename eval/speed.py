@@ -280,26 +280,19 @@ def parse_args(argv: Sequence[str] | None = None) -> SpeedSettings:
         "dtype": args.dtype or ("float16" if device.type == "cuda" else "float32"),
         "ratios": list(dict.fromkeys(args.ratios)),
     }
+    # The flags that are settings as they are; the rest are checked or resolved above.
+    as_given = ("baseline", "batch", "timestep", "warmup", "repeats", "memory", "threads", "compile_backend")
+    as_given += ("compiler_mode", "out", "suite")
     return SpeedSettings(
         runs=runs,
         methods=tuple(methods),
         every_method=args.methods == [ALL],
-        baseline=args.baseline,
         ratios=tuple(resolved["ratios"]),
-        batch=args.batch,
-        timestep=args.timestep,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        memory=args.memory,
         device=device,
         dtype=resolved["dtype"],
-        threads=args.threads,
-        compile_backend=args.compile_backend,
-        compiler_mode=args.compiler_mode,
         options=options,
-        out=args.out,
-        suite=args.suite,
         flags={**vars(args), **resolved},
+        **{name: getattr(args, name) for name in as_given},
     )
 
 

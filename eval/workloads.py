@@ -165,21 +165,26 @@ def unet_workload(
     return Workload("unet", resolution, batch // 2, 1, call, cost_model)
 
 
+def _to_latents(generate: Callable[..., Any], pipe: Any, images: int, **kwargs: Any) -> Any:
+    """One seeded, guided call of ``generate`` (the method's call of ``pipe``) for ``images`` images of
+    :data:`PROMPT`, to latents: the VAE decode is no method's business."""
+    torch.manual_seed(SEED)  # tomesd draws its destinations from the global generator
+    return generate(
+        prompt=[PROMPT] * images,
+        guidance_scale=GUIDANCE_SCALE,
+        output_type="latent",
+        generator=torch.Generator(pipe.device).manual_seed(SEED),
+        **kwargs,
+    )
+
+
 def pipeline_workload(pipe: Any, resolution: int, steps: int, cost_model: CostModel, *, batch: int) -> Workload:
     """A whole guided generation of ``steps`` steps, ``batch / 2`` images, to latents (no VAE decode)."""
     images = batch // 2
 
     def call(generate: Callable[..., Any], warmup: bool) -> Any:
-        torch.manual_seed(SEED)
-        return generate(
-            prompt=[PROMPT] * images,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=min(steps, WARMUP_STEPS) if warmup else steps,
-            guidance_scale=GUIDANCE_SCALE,
-            output_type="latent",
-            generator=torch.Generator(pipe.device).manual_seed(SEED),
-        )
+        steps_run = min(steps, WARMUP_STEPS) if warmup else steps
+        return _to_latents(generate, pipe, images, height=resolution, width=resolution, num_inference_steps=steps_run)
 
     return Workload("pipeline", resolution, images, steps, call, cost_model)
 
@@ -222,16 +227,8 @@ def hires_workload(pipe: Any, resolution: int, steps: int, cost_model: CostModel
     latent = latent.to(pipe.device, pipe.unet.dtype)
 
     def call(generate: Callable[..., Any], warmup: bool) -> Any:
-        torch.manual_seed(SEED)
-        return generate(
-            prompt=[PROMPT] * images,
-            image=latent,
-            strength=HIRES_STRENGTH,
-            num_inference_steps=hires_steps(steps, warmup)[0],
-            guidance_scale=GUIDANCE_SCALE,
-            output_type="latent",
-            generator=torch.Generator(pipe.device).manual_seed(SEED),
-        )
+        asked = hires_steps(steps, warmup)[0]
+        return _to_latents(generate, pipe, images, image=latent, strength=HIRES_STRENGTH, num_inference_steps=asked)
 
     return Workload("hires", resolution, images, steps, call, cost_model)
 
