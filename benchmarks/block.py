@@ -180,9 +180,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     unet = ARCHS[args.arch].build_unet(device=device, dtype=getattr(torch, args.dtype)).eval()
     if args.block is None:
-        agentsd.apply_patch(unet)  # its default block selection, then gone again
-        args.block = agentsd.patch_summary(unet).blocks[0].name
-        agentsd.remove_patch(unet)
+        args.block = agentsd.select_blocks(unet)[0].name  # the first of AgentSD's default blocks
     # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
     workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import diffusers
 import torch
 from comparison import METHODS, check_methods  # also puts eval/ on sys.path, for shared
+from flag_types import int_at_least
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError
@@ -37,13 +38,6 @@ Loadable = TypeVar("Loadable")
 
 class ExampleError(RuntimeError):
     """A problem with how an example was called; the message says how to fix it."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def _image_side(text: str) -> int:
@@ -78,7 +72,7 @@ def example_parser(doc: str, *, model: str, prompt: str | None) -> argparse.Argu
     if prompt is not None:
         parser.add_argument("--prompt", default=prompt, help=f"what to generate (default: {prompt!r})")
     parser.add_argument("--seed", type=int, default=0, help="seed shared by every method (default: 0)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument("--steps", type=int_at_least(1), default=50, help="denoising steps (default: 50)")
     parser.add_argument(
         "--ratio",
         type=_merge_ratio,

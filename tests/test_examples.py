@@ -211,6 +211,28 @@ def test_sd_is_timed_after_a_short_warm_up_on_the_cpu_too(strength, warm_steps) 
     assert pipe.steps[-1] == 10 and len(pipe.steps) == 4
 
 
+def test_a_busy_machine_is_warned_before_timing_as_speed_does(monkeypatch, capsys) -> None:
+    """Deterministic: the load reading is given; the warning is eval/timing.py's, once, after the warm-up."""
+    import timing
+
+    monkeypatch.setattr(timing, "CPUS", 2)
+    monkeypatch.setattr(timing, "machine_load", lambda: 5.0)
+    compare(_RecordingPipe(), ["SD"], ratio=0.4, seed=0, prompt="a cat", num_inference_steps=2)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1
+    assert "examples: WARNING: load average 5.0 on 2 CPUs before timing: other work is running" in err
+    monkeypatch.setattr(timing, "machine_load", lambda: 2.0)  # this run's own threads: quiet
+    compare(_RecordingPipe(), ["SD"], ratio=0.4, seed=0, prompt="a cat", num_inference_steps=2)
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_the_examples_compare_the_registrys_methods() -> None:
+    import methods as registry
+
+    assert METHODS == tuple(registry.METHODS[name].label for name in ("sd", "tomesd", "agentsd"))
+    assert METHODS == ("SD", "ToMeSD", "AgentSD")
+
+
 def test_tomesd_is_pointed_at_the_top_attention_level() -> None:
     assert top_attention_downsample(tiny_unet("sd1")) == 1
     assert top_attention_downsample(tiny_unet("sdxl")) == 2  # tomesd's default of 1 would patch nothing
