@@ -70,8 +70,7 @@ from speed_report import Row, format_table, noise_warnings, rows_for, run_record
 from suites import COMPILE_MODES, MODES, SUITES, PlannedRun, timed_in  # isort: skip
 from unet_configs import ARCHS  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE, SEED, WARMUP_STEPS  # isort: skip
-from workloads import Workload, cost_model_for, hires_pipeline, hires_steps, load_models  # isort: skip
-from workloads import hires_workload, pipeline_workload, unet_workload  # isort: skip
+from workloads import Workload, hires_pipeline, hires_steps, load_models, run_workloads  # isort: skip
 
 #: diffusers release that added ``ModelMixin.compile_repeated_blocks`` and the UNet's ``_repeated_blocks``.
 REGIONAL_DIFFUSERS = "0.35"
@@ -323,17 +322,6 @@ def runnable(plan: Sequence[Variant], target: Any, run: PlannedRun, settings: Sp
     return kept
 
 
-def workloads_of(run: PlannedRun, settings: SpeedSettings, pipe: Any, unet: Any, hires: Any, vae_factor: int):
-    """Every workload of ``run``: each mode at each resolution, in that order."""
-    model, batch = cost_model_for(run.arch), settings.batch
-    builders: dict[str, Callable[[int], Workload]] = {
-        "unet": lambda px: unet_workload(unet, px, vae_factor, model, batch=batch, timestep=settings.timestep),
-        "pipeline": lambda px: pipeline_workload(pipe, px, run.steps, model, batch=batch),
-        "hires": lambda px: hires_workload(hires, px, run.steps, model, batch=batch),
-    }
-    return [builders[mode](px) for mode in run.modes for px in run.resolutions]
-
-
 def measure_run(
     run: PlannedRun,
     settings: SpeedSettings,
@@ -352,7 +340,7 @@ def measure_run(
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     targets = {"unet": unet, "pipeline": pipe, "hires": hires_pipeline(pipe) if "hires" in run.modes else None}
     plans = {mode: runnable(timed_in(mode, plan), targets[mode], run, settings) for mode in run.modes}
-    workloads = workloads_of(run, settings, pipe, unet, targets["hires"], vae_factor)
+    workloads = run_workloads(run, settings, pipe, unet, targets["hires"], vae_factor)
     total = planned_cost(run, settings, {mode: len(variants) for mode, variants in plans.items()})
     compilations = 0 if run.compile == "none" else sum(len(plans[w.mode]) for w in workloads)
     rate = a_priori_rate(run, settings)

@@ -233,6 +233,20 @@ def hires_workload(pipe: Any, resolution: int, steps: int, cost_model: CostModel
     return Workload("hires", resolution, images, steps, call, cost_model)
 
 
+def run_workloads(
+    run: PlannedRun, settings: SpeedSettings, pipe: Any, unet: Any, hires: Any, vae_factor: int
+) -> list[Workload]:
+    """Every workload of ``run``: each mode at each resolution, in that order (``hires``: the image-to-image
+    pipeline around ``pipe``, :func:`hires_pipeline`)."""
+    model, batch = cost_model_for(run.arch), settings.batch
+    builders: dict[str, Callable[[int], Workload]] = {
+        "unet": lambda px: unet_workload(unet, px, vae_factor, model, batch=batch, timestep=settings.timestep),
+        "pipeline": lambda px: pipeline_workload(pipe, px, run.steps, model, batch=batch),
+        "hires": lambda px: hires_workload(hires, px, run.steps, model, batch=batch),
+    }
+    return [builders[mode](px) for mode in run.modes for px in run.resolutions]
+
+
 def load_models(run: PlannedRun, settings: SpeedSettings) -> tuple[Any, torch.nn.Module, int]:
     """(pipeline or None, UNet, VAE scale factor) for one run; the pipeline only if a mode needs it."""
     dtype, device = settings.torch_dtype, settings.device
