@@ -15,7 +15,7 @@ tomesd), the methods in turn, order reversed every round. "of the way" is how fa
 from the plain one towards the ceiling (its self-attention for free): (plain - method) / (plain -
 ceiling), per mode.
 
-Each method has its own twin of the UNet (``speed.twin``: same weights), applied as
+Each method has its own twin of the UNet (``measure.twin``: same weights), applied as
 ``eval/methods.py`` applies it; ``--agentsd KNOBS`` adds AgentSD with one fixed phase of those
 knobs (``sx``, ``sy``, ``agent_ratio``, ``ratio``, ``max_downsample``, ...: ``agentsd.AgentSDConfig``).
 The block's input is captured once, from the plain UNet's forward at t = 981 (eval/speed.py's
@@ -46,8 +46,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
+import measure  # noqa: E402
 import methods as registry  # noqa: E402
-import speed  # noqa: E402
+import timing  # noqa: E402
+import workloads  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 import agentsd  # noqa: E402
@@ -116,10 +118,10 @@ def print_profile(label: str, call: Callable[[], Any], device: torch.device, row
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    speed.synchronize(device)
+    timing.synchronize(device)
     with torch.profiler.profile(activities=activities) as profile:
         call()
-        speed.synchronize(device)
+        timing.synchronize(device)
     on_device = device.type == "cuda"
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events = [
@@ -178,11 +180,9 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     unet = ARCHS[args.arch].build_unet(device=device, dtype=getattr(torch, args.dtype)).eval()
     if args.block is None:
-        agentsd.apply_patch(unet)  # its default block selection, then gone again
-        args.block = agentsd.patch_summary(unet).blocks[0].name
-        agentsd.remove_patch(unet)
+        args.block = agentsd.select_blocks(unet)[0].name  # the first of AgentSD's default blocks
     # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
-    workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
+    workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
 
     def registered(name: str) -> Callable[[Any], Any]:
         method = registry.METHODS[name]
@@ -198,7 +198,7 @@ def main() -> None:
     block_kwargs: dict = {}
     with ExitStack() as applied, torch.inference_mode():
         for index, (name, apply) in enumerate(variants.items()):
-            twin = speed.twin(unet)
+            twin = measure.twin(unet)
             applied.enter_context(apply(twin))
             block = twin.get_submodule(args.block)
             if index == 0:  # sd: the block's input, from the plain UNet
@@ -210,7 +210,7 @@ def main() -> None:
                 calls[name]["eager"] = functools.partial(block, *block_args, **block_kwargs)
             if "compiled" in args.modes:
                 for fullgraph in (True, False):
-                    options = speed.compile_options("inductor", fullgraph, args.compiler_mode)
+                    options = measure.compile_options("inductor", fullgraph, args.compiler_mode)
                     compiled = torch.compile(block, **options)
                     try:
                         compiled(*block_args, **block_kwargs)
@@ -226,7 +226,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in variants if repeat % 2 == 0 else reversed(list(variants)):
                 for mode, call in calls[name].items():
-                    times[name, mode].append(speed.timed(call, device))
+                    times[name, mode].append(timing.timed(call, device))
         if args.profile:
             for name, modes in calls.items():
                 for mode, call in modes.items():

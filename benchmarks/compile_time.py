@@ -40,9 +40,9 @@ FULL_SIZE = ("sd15", "sdxl")
 def one_case(unet_name: str, mode: str, patched: bool, resolution: int) -> float:
     """Seconds of compilation for one (UNet, mode, patched) case, in this process."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "eval")]
-    import speed
     import torch
     import torch._inductor.config as inductor_config
+    import workloads
 
     import agentsd
 
@@ -59,7 +59,7 @@ def one_case(unet_name: str, mode: str, patched: bool, resolution: int) -> float
         unet = ARCHS[unet_name].build_unet()
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, resolution // 8, resolution // 8, generator=g)
-    kwargs = speed.unet_conditioning(unet, 2, resolution, g)
+    kwargs = workloads.unet_conditioning(unet, 2, resolution, g)
     if patched:
         agentsd.apply_patch(unet, ratio=0.4)
     if mode == "regional":

@@ -21,7 +21,8 @@ import torch
 from block import agentsd_knobs, knobbed, knobs_label
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
-import speed  # noqa: E402
+import timing  # noqa: E402
+import workloads  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     unet = ARCHS[args.arch].build_unet()
     # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
-    workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
+    workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
     # None: the unpatched UNet.
     variants: list[tuple[str, dict | None]] = [("sd", None)] if args.sd else []
     variants += [(knobs_label(knobs), knobs) for knobs in args.agentsd]
@@ -56,7 +57,7 @@ def main() -> None:
         for round_ in range(args.repeats):
             for label, knobs in variants if round_ % 2 == 0 else variants[::-1]:
                 with knobbed(unet, knobs):
-                    seconds[label].append(speed.timed(lambda: workload.call(unet, False), unet.device))
+                    seconds[label].append(timing.timed(lambda: workload.call(unet, False), unet.device))
                 print(f"{label}: {seconds[label][-1]:.2f} s", flush=True)
     first = statistics.median(seconds[labels[0]])
     print(f"\n{args.arch} at {args.resolution} px, batch 2, t = 981, s per forward, median of {args.repeats}:")

@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "eval"), str(ROOT / "tests")]
-import speed  # noqa: E402
+import workloads  # noqa: E402
 from methods import METHODS  # noqa: E402
 from op_counter import CountOps  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
@@ -40,13 +40,13 @@ def main() -> None:
     if args.resolution <= 0 or args.resolution % 8:
         parser.error(f"argument --resolution: a positive multiple of 8 px, got {args.resolution}")
     unet = ARCHS[args.arch].build_unet()
-    workload = speed.unet_workload(unet, argparse.Namespace(batch=2, timestep=981), args.resolution, vae_factor=8)
+    workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
     counts: dict[str, collections.Counter[str]] = {}
     with torch.inference_mode():
         for name in ["sd", *(m for m in args.methods if m != "sd")]:
             method = METHODS[name]
             ratio = RATIO if method.uses_ratio else None
-            with method.applied(unet, ratio=ratio, seed=speed.SEED) as generate:
+            with method.applied(unet, ratio=ratio, seed=workloads.SEED) as generate:
                 workload.call(generate, False)  # the first call builds what later calls reuse
                 counter = CountOps()
                 with counter:

@@ -76,6 +76,9 @@ import fid_metrics as fm  # noqa: E402
 import methods as registry  # noqa: E402
 import quality_metrics as qm  # noqa: E402
 from atomic_write import atomic_path, remove_stale_temporaries  # noqa: E402
+from methods import Variant  # noqa: E402
+from shared import DTYPES, HelpFormatter, dtype_kwarg  # noqa: E402
+from timing import synchronize, timed  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_TEMPLATE = "A high quality photograph of a {}."
@@ -88,7 +91,6 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Published (SD v1.5, 2,000 images, RTX 4090): (FID, s/img, GB/img), keyed by (method, ratio).
 PAPER = {
     ("sd", None): (28.84, 2.62, 3.13),
@@ -96,24 +98,14 @@ PAPER = {
     ("agentsd", 0.4): (28.15, 1.54, 1.55),
     ("agentsd", 0.5): (28.42, 1.42, 1.21),
 }
-Run = registry.Variant
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default once: not for ``None`` (the help says what happens) nor where the help gives it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fid.py", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a(
         "--ratio",
@@ -291,7 +283,7 @@ def protocol(args) -> dict:
     return {key: getattr(args, key) for key in keys}
 
 
-def run_settings(args, run: Run) -> dict:
+def run_settings(args, run: Variant) -> dict:
     """Everything that decides the pixels of image i (not the image count or device; the batch size only
     where the method makes an image depend on its batch)."""
     digest = hashlib.sha1("\n".join(args.prompt_list).encode()).hexdigest()[:12]
@@ -302,15 +294,6 @@ def run_settings(args, run: Run) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Generation
-
-
-def dtype_kwarg() -> str:
-    """from_pretrained's name for the weights' dtype: ``dtype`` from diffusers 0.40 (``torch_dtype`` warns
-    there), ``torch_dtype`` before (0.33-0.39 know no other)."""
-    import diffusers
-    from packaging.version import Version
-
-    return "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
 
 
 def load_pipeline(args):
@@ -339,7 +322,14 @@ def image_path(folder: Path, i: int) -> Path:
     return folder / f"{i:05d}.png"
 
 
-def generate(pipe, run: Run, args, state) -> None:
+def timed_images(call, device, **kwargs) -> tuple[list, float]:
+    """The images of one pipeline call, and its seconds, the device's queued work included."""
+    images: list = []
+    seconds = timed(lambda: images.extend(call(**kwargs).images), device)
+    return images, seconds
+
+
+def generate(pipe, run: Variant, args, state) -> None:
     """Make this process's missing images of ``run``; record each batch's time as soon as it is saved."""
     from tqdm.auto import tqdm
 
@@ -351,7 +341,6 @@ def generate(pipe, run: Run, args, state) -> None:
     if not todo:
         return
     cuda = args.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(args.device)) if cuda else (lambda: None)
     peak: list[int | None] = [None]  # read at each step end, before the VAE decodes
 
     def on_step_end(_pipe, _step, _t, _kwargs):
@@ -383,12 +372,13 @@ def generate(pipe, run: Run, args, state) -> None:
                 with run.method.applied(pipe, ratio=run.ratio, seed=args.seed, options=args.options) as call:
                     prompts = [prompt_for(args, i) for i in idx]
                     gens = [torch.Generator("cpu").manual_seed(args.seed + i) for i in idx]
-                    sync()
+                    synchronize(args.device)
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(args.device)
                         base, peak[0] = torch.cuda.memory_allocated(args.device), None
-                    t0 = time.perf_counter()
-                    images = call(
+                    images, seconds = timed_images(
+                        call,
+                        args.device,
                         prompt=prompts,
                         num_inference_steps=args.steps,
                         guidance_scale=args.guidance,
@@ -396,9 +386,7 @@ def generate(pipe, run: Run, args, state) -> None:
                         width=args.width,
                         generator=gens,
                         **extra,
-                    ).images
-                    sync()
-                    seconds = time.perf_counter() - t0
+                    )
             if cuda and peak[0] is None:  # the loop took no step callback: the peak includes decoding
                 peak[0] = torch.cuda.max_memory_allocated(args.device)
             for i, image in zip(idx, images):
@@ -440,7 +428,7 @@ def timing(folder: Path) -> dict:
 
 def sd_paths(args, paths: dict) -> list[Path] | None:
     """The SD images of the same seeds: this run's, or an earlier run's with the same settings."""
-    sd = Run(registry.BASELINE)
+    sd = Variant(registry.BASELINE)
     if sd in paths:
         return paths[sd]
     folder = args.out / "images" / sd.name
@@ -454,7 +442,7 @@ def sd_paths(args, paths: dict) -> list[Path] | None:
 
 def evaluate(args, extractor, clip, lpips) -> list[dict]:
     """One row per run: FID (against the reference and SD), CLIP score, fidelity to SD, timing."""
-    sd = Run(registry.BASELINE)
+    sd = Variant(registry.BASELINE)
     paths = {run: [image_path(args.out / "images" / run.name, i) for i in range(args.total)] for run in args.runs}
     baseline = sd_paths(args, paths)
     cache, opts = args.out / "cache", dict(batch_size=args.fid_batch_size, workers=args.workers)

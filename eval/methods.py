@@ -1,4 +1,9 @@
-"""The one registry of the methods that the eval scripts compare (``speed.py``, ``fid.py``).
+"""The one registry of the methods that the eval scripts and the examples compare (``speed.py``,
+``fid.py``, ``examples/``).
+
+This module holds the registry entries (:class:`Method`), the command line (``--methods`` and the
+peers' knobs) and the compared variants; each library's patch is a part in ``method_parts.py``, the
+peers' knobs are ``method_options.py``'s :class:`MethodOptions`.
 
 A :class:`Method` is a registry entry: a name for ``--methods``, a one-line summary for ``--help``,
 and one or more *parts*, each one library's patch with its apply and its remove. A stack
@@ -23,7 +28,7 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
 
 * ``sd``: nothing; the baseline every speed-up and fidelity score is relative to.
 * ``tomesd``: ``tomesd.apply_patch(target, ratio=ratio, max_downsample=top)``, ``top`` being
-  :func:`top_attention_downsample` of the UNet (1 on SD 1.x/2.x, tomesd's own default; 2 on SDXL,
+  :func:`agentsd.top_attention_downsample` of the UNet (1 on SD 1.x/2.x, tomesd's own default; 2 on SDXL,
   where tomesd's default would patch nothing).
 * ``agentsd``: ``agentsd.apply_patch(target, ratio=ratio, seed=seed)``, the published two-phase recipe.
 * ``agent-phase`` / ``tome-phase``: AgentSD with one fixed phase for all steps (``sx = sy = 4,
@@ -55,7 +60,7 @@ The methods, as ``speed.py`` and ``fid.py`` ran the first five before this modul
 * ``agentsd+deepcache`` / ``tomesd+deepcache``: both parts, token merging applied first (the order
   does not change the output: the tests check it). DeepCache's cached steps still run the last
   up-block layer at full latent resolution, which is where AgentSD and tomesd merge.
-* ``ceiling`` (timing only): the blocks AgentSD patches by default (its ``patch_summary``), each
+* ``ceiling`` (timing only): the blocks AgentSD patches by default (:func:`agentsd.select_blocks`), each
   with its self-attention ``attn1`` returning zeros of its input's shape: top-level self-attention
   at zero cost, the limit of what any attention speed-up there can reach. Its images are meaningless.
 
@@ -75,414 +80,15 @@ are exact and tested in their own tests.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
-from importlib.metadata import PackageNotFoundError, version
-from importlib.util import find_spec
+from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-
-#: Calls the patched pipeline: ``generate(**call_kwargs)`` -> the pipeline's output.
-Generate = Callable[..., Any]
-#: Undoes one part's patch.
-Remove = Callable[[], None]
-
-#: AgentSD's keyword settings of each AgentSD-based method (the phases: one fixed phase for all steps).
-AGENTSD_KWARGS: dict[str, dict[str, Any]] = {
-    "agentsd": {},
-    "agent-phase": {"schedule": "fixed", "sx": 4, "sy": 4, "agent_ratio": 0.95},
-    "tome-phase": {"schedule": "fixed", "sx": 2, "sy": 2, "agent_ratio": 0.5},
-}
-#: The cache checkpoint lists of ``ca_tome.CacheConf`` (0.1.3), by name.
-CA_TOME_CACHES = ("CONFIG_1", "CONFIG_2", "CONFIG_3", "CONFIG_4", "ADAPTIVE", "CONFIG_Five")
-#: The ``F.interpolate`` modes ToDo can downsample with (``area``: the mean of each factor-by-factor cell).
-TODO_MODES = ("nearest-exact", "nearest", "bilinear", "bicubic", "area")
-
-
-# --------------------------------------------------------------------------------------------------
-# Options: the peers' knobs
-# --------------------------------------------------------------------------------------------------
-
-
-def _knob(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None, choices=None):
-    return field(default=default, metadata={"help": help, "min": minimum, "max": maximum, "choices": choices})
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """The peers' own knobs, at their published defaults for SD 1.5; each is a flag (``--deepcache-interval``).
-
-    Raises:
-        ValueError: naming the flag, for a value out of range.
-    """
-
-    deepcache_interval: int = _knob(
-        3, "DeepCache: run the whole UNet every N steps, reuse deep features between", minimum=1
-    )
-    deepcache_branch: int = _knob(
-        0, "DeepCache: cache_branch_id, the skip branch below which features are reused", minimum=0
-    )
-    tgate_gate_step: int = _knob(10, "T-GATE: step from which the cached cross-attention is reused", minimum=1)
-    tgate_sp_interval: int = _knob(5, "T-GATE: self-attention cache interval before the gate step", minimum=1)
-    tgate_fi_interval: int = _knob(1, "T-GATE: self-attention cache interval after the gate step", minimum=1)
-    tgate_warm_up: int = _knob(2, "T-GATE: first steps without any caching", minimum=0)
-    ca_tome_threshold: float = _knob(0.7, "CA-ToMe: cosine similarity above which tokens merge", minimum=-1, maximum=1)
-    ca_tome_cache: str = _knob(
-        "CONFIG_3", "CA-ToMe: ca_tome.CacheConf steps where merge pairs are recomputed", choices=CA_TOME_CACHES
-    )
-    todo_factor: float = _knob(
-        2.0, "ToDo: keys and values from the grid downsampled by this factor at the top attention level", minimum=1
-    )
-    todo_max_depth: int = _knob(
-        1,
-        "ToDo: attention levels downsampled from the top (2: also the next level, by --todo-factor-2)",
-        minimum=1,
-        maximum=2,
-    )
-    todo_factor_2: float = _knob(2.0, "ToDo: downsample factor at the second level (--todo-max-depth 2)", minimum=1)
-    todo_stop_after: float = _knob(
-        1.0,
-        "ToDo: on for this fraction of the denoising, while t >= (1 - f) * num_train_timesteps",
-        minimum=0,
-        maximum=1,
-    )
-    todo_mode: str = _knob("nearest-exact", "ToDo: F.interpolate mode of the downsampling", choices=TODO_MODES)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value, meta, flag = getattr(self, f.name), f.metadata, _flag(f.name)
-            kinds = (int, float) if isinstance(f.default, float) else (type(f.default),)
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                raise ValueError(f"{flag}: expected {kinds[-1].__name__}, got {value!r}")
-            if meta["choices"] is not None and value not in meta["choices"]:
-                raise ValueError(f"{flag}: choose from {', '.join(meta['choices'])}; got {value!r}")
-            if meta["min"] is not None and value < meta["min"] or meta["max"] is not None and value > meta["max"]:
-                bounds = f"in [{meta['min']}, {meta['max']}]" if meta["max"] is not None else f">= {meta['min']}"
-                raise ValueError(f"{flag}: must be {bounds}, got {value!r}")
-
-
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
-# --------------------------------------------------------------------------------------------------
-# Parts: one library's patch each
-# --------------------------------------------------------------------------------------------------
-
-
-def top_attention_downsample(down_block_types: Sequence[str]) -> int:
-    """How many times coarser than the latent the highest-resolution attention level is.
-
-    tomesd's ``max_downsample`` defaults to 1, which patches nothing on SDXL (no attention at the
-    top level); passing this value makes it patch the same level as AgentSD's default.
-    """
-    first = next(i for i, block in enumerate(down_block_types) if "CrossAttn" in block)
-    return 2**first
-
-
-def _unet(target: Any) -> torch.nn.Module:
-    return getattr(target, "unet", target)
-
-
-def _top(target: Any) -> int:
-    return top_attention_downsample(_unet(target).config.down_block_types)
-
-
-def _require_pipeline(target: Any, method: str, *classes: str) -> None:
-    """Refuse, before any change, a target that is not one of the diffusers pipeline ``classes``."""
-    import diffusers
-
-    if not isinstance(target, tuple(getattr(diffusers, name) for name in classes)):
-        raise TypeError(f"{method} needs a diffusers {' or '.join(classes)}, got {type(target).__name__}")
-
-
-@functools.cache
-def _import_problem(package: str, install: str) -> str | None:
-    """Why ``package`` cannot be used here (missing, or failing to import with this diffusers), else ``None``."""
-    if find_spec(package) is None:
-        return f"the {package} package is not installed: pip install {install}"
-    try:
-        importlib.import_module(package)
-    except Exception as error:  # any import failure makes the method unavailable, with its reason
-        return (
-            f"{install.split()[-1]} {_version(install.split()[-1])} fails to import with diffusers "
-            f"{_version('diffusers')} and torch {torch.__version__}: {type(error).__name__}: {error}"
-        )
-    return None
-
-
-def _version(distribution: str) -> str:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
-class _Leftovers:
-    """The instance attributes of a target and its UNet's modules, to drop what a library's remove leaves."""
-
-    def __init__(self, target: Any) -> None:
-        objects = [target, *_unet(target).modules()] if hasattr(target, "unet") else list(target.modules())
-        self.before = [(obj, dict(vars(obj))) for obj in objects]
-
-    def drop(self) -> None:
-        for obj, before in self.before:
-            now = vars(obj)
-            for key in [key for key in now if key not in before]:
-                del now[key]
-            if "forward" in before and now.get("forward") is not before["forward"]:
-                now["forward"] = before["forward"]
-
-
-@dataclass(frozen=True)
-class Part:
-    """One library's patch.
-
-    Attributes:
-        apply: ``apply(target, ratio, seed, options) -> remove``; checks the target before changing it.
-        settings: ``settings(ratio, options) -> dict``, JSON-able, of everything that shapes the output.
-        package: Import name of the library (``None``: this repository's own ``agentsd``).
-        install: The pip arguments that install it.
-        generate: ``generate(target, options) -> Generate`` where the library has its own loop.
-        tidy: Drop what the library's remove leaves behind (see :class:`_Leftovers`).
-        batch_dependent: An image depends on the other images of its batch (CA-ToMe merges, in every
-            image, as many tokens as the batch's image with the most pairs above its threshold).
-        compile_whole: ``compile_whole(target, options)`` compiles the patched UNet whole the library's
-            own way, with ``torch.compile``'s ``options`` (AgentSD: :func:`agentsd.compile_unet`, a graph
-            per phase, which CUDA graphs capture); ``None``: ``torch.compile`` of the UNet, patch or not.
-    """
-
-    apply: Callable[[Any, float | None, int, MethodOptions], Remove]
-    settings: Callable[[float | None, MethodOptions], dict[str, Any]]
-    package: str | None = None
-    install: str | None = None
-    generate: Callable[[Any, MethodOptions], Generate] | None = None
-    tidy: bool = True
-    batch_dependent: bool = False
-    compile_whole: Callable[[Any, dict[str, Any]], None] | None = None
-
-    @property
-    def distribution(self) -> str:
-        return self.install.split()[-1] if self.install else "agentsd"
-
-    def unavailable(self) -> str | None:
-        return None if self.package is None else _import_problem(self.package, self.install)
-
-
-def _tomesd(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    import tomesd
-
-    tomesd.apply_patch(target, ratio=ratio, max_downsample=_top(target))
-    return lambda: tomesd.remove_patch(target)
-
-
-TOMESD = Part(
-    _tomesd,
-    lambda ratio, options: {"tomesd": {"max_downsample": "top attention level"}},
-    package="tomesd",
-    install="tomesd",
-)
-
-
-def _agentsd(name: str) -> Part:
-    def apply(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-        import agentsd
-
-        agentsd.apply_patch(target, ratio=ratio, seed=seed, **AGENTSD_KWARGS[name])
-        return lambda: agentsd.remove_patch(target)
-
-    def compile_whole(target: Any, options: dict[str, Any]) -> None:
-        import agentsd
-
-        agentsd.compile_unet(target, **options)
-
-    return Part(
-        apply, lambda ratio, options: {"agentsd": dict(AGENTSD_KWARGS[name])}, tidy=False, compile_whole=compile_whole
-    )
-
-
-def _ca_tome(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    _require_pipeline(target, "ca-tome", "StableDiffusionPipeline")
-    from ca_tome import CacheConf
-    from ca_tome.modifiers import modify_pipeline, modify_unet
-    from ca_tome.patch import apply_patch, remove_patch
-
-    # What apply_CA_ToMe does, with max_downsample at the top attention level as for tomesd.
-    modify_unet(target.unet)
-    modify_pipeline(target)
-    apply_patch(
-        target, getattr(CacheConf, options.ca_tome_cache), options.ca_tome_threshold, max_downsample=_top(target)
-    )
-    return lambda: remove_patch(target)
-
-
-CA_TOME = Part(
-    _ca_tome,
-    lambda ratio, options: {
-        "ca_tome": {
-            "threshold": options.ca_tome_threshold,
-            "cache": options.ca_tome_cache,
-            "max_downsample": "top attention level",
-        }
-    },
-    package="ca_tome",
-    # Its metadata pins torch<2.2.2 and numpy<2, which it does not need; without --no-deps pip replaces torch.
-    install="--no-deps ca-tome",
-    generate=lambda target, options: target.call,
-    batch_dependent=True,
-)
-
-
-def _deepcache(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    if not (hasattr(target, "unet") and hasattr(target, "scheduler")):
-        raise TypeError(
-            f"deepcache needs a pipeline (an object with .unet and .scheduler), got {type(target).__name__}"
-        )
-    from DeepCache import DeepCacheSDHelper
-
-    helper = DeepCacheSDHelper(pipe=target)
-    helper.set_params(cache_interval=options.deepcache_interval, cache_branch_id=options.deepcache_branch)
-    helper.enable()
-    return helper.disable
-
-
-DEEPCACHE = Part(
-    _deepcache,
-    lambda ratio, options: {
-        "deepcache": {"cache_interval": options.deepcache_interval, "cache_branch_id": options.deepcache_branch}
-    },
-    package="DeepCache",
-    install="DeepCache",
-)
-
-
-def _tgate(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    _require_pipeline(target, "tgate", "StableDiffusionPipeline", "StableDiffusionXLPipeline")
-    import tgate
-    from diffusers import StableDiffusionXLPipeline
-
-    (tgate.TgateSDXLLoader if isinstance(target, StableDiffusionXLPipeline) else tgate.TgateSDLoader)(target)
-    return lambda: None  # tgate has no remove: pipe.tgate and its Attention.forward wrappers are dropped as leftovers
-
-
-def _tgate_settings(options: MethodOptions) -> dict[str, int]:
-    return {
-        "gate_step": options.tgate_gate_step,
-        "sp_interval": options.tgate_sp_interval,
-        "fi_interval": options.tgate_fi_interval,
-        "warm_up": options.tgate_warm_up,
-    }
-
-
-TGATE = Part(
-    _tgate,
-    lambda ratio, options: {"tgate": _tgate_settings(options)},
-    package="tgate",
-    install="tgate",
-    generate=lambda target, options: functools.partial(target.tgate, **_tgate_settings(options)),
-)
-
-
-def _todo_factors(target: Any, options: MethodOptions) -> dict[int, float]:
-    """ToDo's downsample factor by level: the top attention level, and the next one at depth 2."""
-    top = _top(target)
-    return {top: options.todo_factor, **({2 * top: options.todo_factor_2} if options.todo_max_depth == 2 else {})}
-
-
-def _todo(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    import todo
-
-    return todo.apply_todo(
-        target, _todo_factors(target, options), stop_after=options.todo_stop_after, mode=options.todo_mode
-    )
-
-
-TODO = Part(
-    _todo,
-    lambda ratio, options: {
-        "todo": {
-            "factor": options.todo_factor,
-            "max_depth": options.todo_max_depth,
-            **({"factor_2": options.todo_factor_2} if options.todo_max_depth == 2 else {}),
-            "stop_after": options.todo_stop_after,
-            "mode": options.todo_mode,
-            "levels": "from the top attention level",
-        }
-    },
-    tidy=False,  # its remove is exact (tests/test_todo.py)
-)
-
-
-def _hidiffusion(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    if getattr(target, "name_or_path", None) is None:
-        raise TypeError(
-            "hidiffusion picks its settings from pipe.name_or_path, which is None for a pipeline built in code: "
-            "load it with from_pretrained, or set pipe.register_to_config(_name_or_path=...)"
-        )
-    from hidiffusion import apply_hidiffusion, remove_hidiffusion
-
-    pipeline_class, upsamplers = type(target), target.unet.num_upsamplers
-
-    def remove() -> None:
-        remove_hidiffusion(target)  # the UNet modules' classes back and its size hook gone
-        # What its remove leaves: the UNet's num_upsamplers (+12, to force explicit upsample sizes)
-        # and, for ControlNet pipelines, the pipeline's class.
-        target.unet.num_upsamplers = upsamplers
-        target.__class__ = pipeline_class
-
-    try:
-        apply_hidiffusion(target)  # its published defaults: RAU-Net and MSW-MSA window attention
-    except BaseException as error:
-        remove()  # it raises after adding its hook
-        if type(error) is Exception:  # its refusal of a UNet it does not recognise, as the other peers' refusals
-            raise TypeError(f"hidiffusion: {error}") from error
-        raise
-    return remove
-
-
-HIDIFFUSION = Part(
-    _hidiffusion,
-    lambda ratio, options: {"hidiffusion": {"apply_raunet": True, "apply_window_attn": True}},
-    package="hidiffusion",
-    install="hidiffusion",
-)
-
-
-class SkipAttention:
-    """An attention processor that costs nothing: zeros of its input's shape (``ceiling`` only)."""
-
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
-
-
-def _ceiling(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    import agentsd
-
-    unet = _unet(target)
-    if agentsd.is_patched(unet):
-        raise ValueError("ceiling finds its blocks with a trial AgentSD patch; remove the AgentSD patch first")
-    agentsd.apply_patch(unet)  # its default block selection, then gone again: the blocks are all we want
-    names = [block.name for block in agentsd.patch_summary(unet).blocks]
-    agentsd.remove_patch(unet)
-    attns = [unet.get_submodule(name).attn1 for name in names]
-    originals = [attn.processor for attn in attns]
-    for attn in attns:
-        attn.set_processor(SkipAttention())
-
-    def remove() -> None:
-        for attn, processor in zip(attns, originals):
-            attn.set_processor(processor)
-
-    return remove
-
-
-CEILING = Part(_ceiling, lambda ratio, options: {"ceiling": {"attn1": "zeros", "blocks": "agentsd default"}})
-
+from method_options import MethodOptions, flag  # isort: skip
+from method_parts import CA_TOME, CEILING, DEEPCACHE, HIDIFFUSION, TGATE, TODO, TOMESD, agentsd_part  # isort: skip
+from method_parts import Generate, Leftovers, Part, Remove  # isort: skip
 
 # --------------------------------------------------------------------------------------------------
 # Methods
@@ -568,7 +174,7 @@ class Method:
         try:
             generate: Generate = target
             for part in self.parts:
-                leftovers = _Leftovers(target) if part.tidy else None
+                leftovers = Leftovers(target) if part.tidy else None
                 try:
                     remove = part.apply(target, ratio, seed, options)
                 except BaseException:
@@ -620,7 +226,9 @@ def _registry(*methods: Method) -> dict[str, Method]:
 
 _SD = Method("sd", "SD", "the unpatched pipeline (baseline)", uses_ratio=False)
 _TOMESD = Method("tomesd", "ToMeSD", "ToMe for SD (tomesd) at the top attention level", True, parts=(TOMESD,))
-_AGENTSD = Method("agentsd", "AgentSD", "AgentSD, the published two-phase recipe", True, parts=(_agentsd("agentsd"),))
+_AGENTSD = Method(
+    "agentsd", "AgentSD", "AgentSD, the published two-phase recipe", True, parts=(agentsd_part("agentsd"),)
+)
 _DEEPCACHE = Method(
     "deepcache",
     "DeepCache",
@@ -640,14 +248,14 @@ METHODS: dict[str, Method] = _registry(
         "AgentSD agent phase",
         "AgentSD's agent phase (sx=sy=4, agent_ratio 0.95) at every step",
         uses_ratio=True,
-        parts=(_agentsd("agent-phase"),),
+        parts=(agentsd_part("agent-phase"),),
     ),
     Method(
         "tome-phase",
         "AgentSD ToMe phase",
         "AgentSD's ToMe phase (sx=sy=2, agent_ratio 0.5) at every step",
         uses_ratio=True,
-        parts=(_agentsd("tome-phase"),),
+        parts=(agentsd_part("tome-phase"),),
     ),
     Method(
         "ca-tome",
@@ -723,7 +331,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, default: Sequence[s
     for f in fields(MethodOptions):
         choices = f.metadata["choices"]
         group.add_argument(
-            _flag(f.name),
+            flag(f.name),
             type=type(f.default),
             default=f.default,
             choices=choices,

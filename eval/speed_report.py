@@ -11,17 +11,29 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from atomic_write import atomic_path  # isort: skip
+from timing import busy  # isort: skip
+from measure import compiled_with  # isort: skip
+from workloads import HIRES_RECIPE_NOTE, Workload  # isort: skip
+
+if TYPE_CHECKING:
+    from measure import Measurement
+    from methods import Variant
+    from settings import SpeedSettings
+    from suites import PlannedRun
+
+MIB = 2**20
 
 MEMORY_SOURCES = {"cuda": "torch.cuda allocator statistics", "cpu": "torch.profiler tensor events"}
 
@@ -33,7 +45,9 @@ class Row:
     ``ceiling_speedup`` is the ceiling's speed-up on the same workload, where it was timed, and
     ``of_the_way`` how far this variant gets from the baseline towards it:
     ``(t_baseline - t) / (t_baseline - t_ceiling)``. ``load`` is the highest 1-minute load average
-    read after this variant's timed calls (``None`` where the OS has none).
+    read after this variant's timed calls (``None`` where the OS has none). ``compile`` is the run's
+    compile mode (tables are grouped by it), ``compiled_with`` what compiled this variant's UNet
+    (:func:`measure.compiled_with`: ``agentsd.compile_unet`` for AgentSD's methods whole-model compiled).
     """
 
     source: str
@@ -58,6 +72,54 @@ class Row:
     graph_breaks: int | None
     note: str | None
     seconds: list[float]
+    compiled_with: str | None = None
+
+
+def rows_for(run: PlannedRun, workload: Workload, results: dict[Variant, Measurement], baseline_name: str) -> list[Row]:
+    """One row per variant of ``results`` on ``workload``: seconds per unit, speed-up over ``baseline_name``,
+    how far towards the ceiling (where it was timed), peak memory per image."""
+    unit, per = workload.unit
+    base = next(result for variant, result in results.items() if variant.method.name == baseline_name)
+    baseline = statistics.median(base.seconds) / per
+    # The ceiling (self-attention of the patched blocks for free), where it was timed: how far each
+    # method gets from the baseline towards it.
+    top = next((statistics.median(r.seconds) / per for v, r in results.items() if v.method.name == "ceiling"), None)
+    rows = []
+    for variant, result in results.items():
+        seconds = [s / per for s in result.seconds]
+        median = statistics.median(seconds)
+        peak = None if result.peak_bytes is None else result.peak_bytes / workload.images / MIB
+        note = result.note
+        if workload.mode == "hires" and "agentsd" in variant.method.name.split("+"):
+            note = HIRES_RECIPE_NOTE
+        rows.append(
+            Row(
+                source=run.source,
+                compile=run.compile,
+                mode=workload.mode,
+                unit=unit,
+                resolution=workload.resolution,
+                steps=None if workload.mode == "unet" else workload.steps,
+                method=variant.name,
+                ratio=variant.ratio,
+                baseline=baseline_name,
+                median_s=median,
+                min_s=min(seconds),
+                max_s=max(seconds),
+                speedup=baseline / median,
+                ceiling_speedup=None if top is None else baseline / top,
+                of_the_way=None if top is None or top >= baseline else (baseline - median) / (baseline - top),
+                load=max(result.loads, default=None),
+                peak_mib_per_image=peak,
+                memory_vs_baseline=None if peak is None or not base.peak_bytes else result.peak_bytes / base.peak_bytes,
+                compiles=result.compiles,
+                graph_breaks=result.graph_breaks,
+                note=note,
+                seconds=seconds,
+                compiled_with=compiled_with(variant.method, run.compile),
+            )
+        )
+    return rows
 
 
 def _group(row: Row) -> tuple[str, str, str]:
@@ -90,7 +152,7 @@ def format_table(rows: Sequence[Row]) -> str:
         header = ("px", "method", "median", "min-max", f"vs {members[0].baseline}")
         header += ("of the way to the ceiling",) if ceiling else ()
         header += ("peak MiB/img", "mem ratio")
-        header += ("compiles", "breaks") if compiled else ()
+        header += ("compiles", "breaks", "compiled with") if compiled else ()
         lines = [header]
         for row in members:
             lines.append(
@@ -106,7 +168,7 @@ def format_table(rows: Sequence[Row]) -> str:
                     "n/a" if row.peak_mib_per_image is None else f"{row.peak_mib_per_image:.1f}",
                     "n/a" if row.memory_vs_baseline is None else f"{row.memory_vs_baseline:.2f}x",
                 )
-                + ((str(row.compiles), str(row.graph_breaks)) if compiled else ())
+                + ((str(row.compiles), str(row.graph_breaks), str(row.compiled_with)) if compiled else ())
             )
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text += ["", _group_title(group)]
@@ -124,17 +186,6 @@ def _of_the_way(row: Row) -> str:
     if row.of_the_way is None:  # the ceiling was no faster than the baseline
         return f"n/a (ceiling {row.ceiling_speedup:.2f}x)"
     return f"{row.of_the_way:.0%} of {row.ceiling_speedup:.2f}x"
-
-
-#: Load average above the CPU count that still counts as quiet: the kernel's and Python's own helper
-#: threads put a 2-thread run on 2 CPUs at about 2.1, with nothing else running.
-LOAD_SLACK = 0.5
-
-
-def busy(load: float | None, cpus: int) -> bool:
-    """Whether more threads wanted a core than there are cores (by more than ``LOAD_SLACK``): some
-    waited, timings stretched."""
-    return load is not None and load > cpus + LOAD_SLACK
 
 
 def noise_warnings(rows: Sequence[Row], cpus: int) -> list[str]:
@@ -194,6 +245,17 @@ def machine_info(device: torch.device, argv: Sequence[str]) -> dict[str, Any]:
         "versions": {name: _version(name) for name in packages},
         "memory_source": MEMORY_SOURCES[device.type],
     }
+
+
+def run_record(settings: SpeedSettings, argv: Sequence[str] | None) -> dict[str, Any]:
+    """speed.json's ``meta``: the flags as parsed, the plan, and the machine."""
+    meta = {
+        "args": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in settings.flags.items()},
+        **machine_info(settings.device, sys.argv[1:] if argv is None else argv),
+    }
+    meta["args"].update(runs=[asdict(run) for run in settings.runs], method_list=[m.name for m in settings.methods])
+    meta["args"]["options"] = asdict(settings.options)
+    return meta
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> None:

@@ -21,34 +21,23 @@ from urllib.parse import urlsplit
 
 import diffusers
 import torch
-from comparison import METHODS, check_methods
+from comparison import METHODS, check_methods  # also puts eval/ on sys.path, for shared
+from flag_types import int_at_least
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
-from packaging.version import Version
 from PIL import Image
+from shared import DTYPES, HelpFormatter, dtype_kwarg
 
 #: Default --ratio: the ratio of the recipe as agentsd documents it, apply_patch(pipe, ratio=0.4).
 DEFAULT_RATIO = 0.4
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# diffusers 0.40 renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
-_DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
 
 Loadable = TypeVar("Loadable")
 
 
 class ExampleError(RuntimeError):
     """A problem with how an example was called; the message says how to fix it."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def _image_side(text: str) -> int:
@@ -78,12 +67,12 @@ def example_parser(doc: str, *, model: str, prompt: str | None) -> argparse.Argu
     ``prompt`` is the default ``--prompt`` (``None``: the script takes its prompts otherwise).
     ``--height`` and ``--width`` default to the resolution the model was trained at (:func:`image_size`).
     """
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=model, help=f"hub id or local diffusers folder (default: {model})")
     if prompt is not None:
         parser.add_argument("--prompt", default=prompt, help=f"what to generate (default: {prompt!r})")
     parser.add_argument("--seed", type=int, default=0, help="seed shared by every method (default: 0)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument("--steps", type=int_at_least(1), default=50, help="denoising steps (default: 50)")
     parser.add_argument(
         "--ratio",
         type=_merge_ratio,
@@ -364,7 +353,7 @@ def load_pretrained(
     hub_kwargs = {key: kwargs[key] for key in ("local_files_only", "revision", "token", "cache_dir") if key in kwargs}
     try:
         _check_model_kind(cls, source, flag, hub_kwargs)
-        loaded = cls.from_pretrained(source, **{_DTYPE_KWARG: target.dtype}, **kwargs)
+        loaded = cls.from_pretrained(source, **{dtype_kwarg(): target.dtype}, **kwargs)
     except OSError as err:
         raise ExampleError(_load_advice(source, flag, err, unreachable=unreachable)) from err
     return loaded.to(target.device)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common import example_parser, load_pretrained, output_path, resolve_target, run_cli
-from comparison import Run, compare, timing_table
+from comparison import TimedImage, compare, timing_table
 from diffusers import AutoPipelineForText2Image
 from images import contact_sheet, save_png
 
@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def mean_seconds(rows: Sequence[Sequence[Run]]) -> dict[str, float]:
+def mean_seconds(rows: Sequence[Sequence[TimedImage]]) -> dict[str, float]:
     """Average seconds per image of each method over all prompts."""
     return {column[0].method: sum(run.seconds for run in column) / len(column) for column in zip(*rows, strict=True)}
 

@@ -33,7 +33,7 @@ from common import (
     resolve_target,
     run_cli,
 )
-from comparison import Run, generate, patched, save_comparison, warm_up
+from comparison import TimedImage, generate, patched, save_comparison, warm_up
 from diffusers import AutoPipelineForImage2Image, StableDiffusionPipeline
 from PIL import Image
 
@@ -80,7 +80,7 @@ def hires_fix(
     width: int,
     height: int,
     **call_kwargs: object,
-) -> Run:
+) -> TimedImage:
     """Both passes with the method already applied to the shared UNet; the run's time is their sum.
 
     Image-to-image pipelines take a 4-channel ``image`` as a latent as it is, so the latent path
@@ -89,7 +89,7 @@ def hires_fix(
     output_type = "latent" if upscale == "latent" else "pil"
     first = generate(pipe, method, seed=seed, width=width, height=height, output_type=output_type, **call_kwargs)
     second = generate(img2img, method, seed=seed, image=upscaled(first.image), strength=strength, **call_kwargs)
-    return Run(method=method, image=second.image, seconds=first.seconds + second.seconds)
+    return TimedImage(method=method, image=second.image, seconds=first.seconds + second.seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -31,10 +31,11 @@ for folder in (REPO, EXAMPLES):  # agentsd itself, and the examples' shared modu
 
 from canny import canny  # noqa: E402
 from common import ExampleError, Target, run_cli  # noqa: E402
-from comparison import METHODS, compare, generate, patched, top_attention_downsample, warm_up  # noqa: E402
+from comparison import METHODS, compare, generate, patched, warm_up  # noqa: E402
 from images import contact_sheet, save_png  # noqa: E402
 
 import agentsd  # noqa: E402
+from agentsd import top_attention_downsample  # noqa: E402
 
 TILE = 32  # the tiny pipelines' image size
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--seed", "0"]
@@ -208,6 +209,28 @@ def test_sd_is_timed_after_a_short_warm_up_on_the_cpu_too(strength, warm_steps) 
     assert pipe.steps[-1] == warm_steps
     compare(pipe, ["SD"], ratio=0.4, seed=0, warm=False, **call)
     assert pipe.steps[-1] == 10 and len(pipe.steps) == 4
+
+
+def test_a_busy_machine_is_warned_before_timing_as_speed_does(monkeypatch, capsys) -> None:
+    """Deterministic: the load reading is given; the warning is eval/timing.py's, once, after the warm-up."""
+    import timing
+
+    monkeypatch.setattr(timing, "CPUS", 2)
+    monkeypatch.setattr(timing, "machine_load", lambda: 5.0)
+    compare(_RecordingPipe(), ["SD"], ratio=0.4, seed=0, prompt="a cat", num_inference_steps=2)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1
+    assert "examples: WARNING: load average 5.0 on 2 CPUs before timing: other work is running" in err
+    monkeypatch.setattr(timing, "machine_load", lambda: 2.0)  # this run's own threads: quiet
+    compare(_RecordingPipe(), ["SD"], ratio=0.4, seed=0, prompt="a cat", num_inference_steps=2)
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_the_examples_compare_the_registrys_methods() -> None:
+    import methods as registry
+
+    assert METHODS == tuple(registry.METHODS[name].label for name in ("sd", "tomesd", "agentsd"))
+    assert METHODS == ("SD", "ToMeSD", "AgentSD")
 
 
 def test_tomesd_is_pointed_at_the_top_attention_level() -> None:

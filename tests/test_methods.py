@@ -18,6 +18,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+import method_options  # noqa: E402
+import method_parts  # noqa: E402
 import methods as m  # noqa: E402
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet  # noqa: E402
@@ -183,7 +185,7 @@ def test_the_ceiling_skips_self_attention_exactly_in_agentsds_blocks(sd):
     processors = dict(pipe.unet.named_modules())
     before = {name: processors[name].processor for name in processors if name.endswith(("attn1", "attn2"))}
     with m.METHODS["ceiling"].applied(pipe):
-        skipped = {name for name in before if isinstance(processors[name].processor, m.SkipAttention)}
+        skipped = {name for name in before if isinstance(processors[name].processor, method_parts.SkipAttention)}
     assert skipped == expected and expected
     assert all(processors[name].processor is processor for name, processor in before.items())
 
@@ -294,7 +296,7 @@ def test_unavailable_peers_stay_listed_and_are_refused_with_the_reason(monkeypat
 def test_ca_tome_cache_names_are_the_packages_own():
     from ca_tome import CacheConf
 
-    assert {name for name in vars(CacheConf) if not name.startswith("_")} == set(m.CA_TOME_CACHES)
+    assert {name for name in vars(CacheConf) if not name.startswith("_")} == set(method_options.CA_TOME_CACHES)
 
 
 @pytest.mark.skipif("hidiffusion" in AVAILABLE, reason="hidiffusion runs here")
@@ -320,12 +322,12 @@ def hidiffusion_importable(monkeypatch):
     old, new = "diffusers.pipelines.controlnet.multicontrolnet", "diffusers.models.controlnets.multicontrolnet"
     if find_spec(old) is None:
         monkeypatch.setitem(sys.modules, old, importlib.import_module(new))
-    m._import_problem.cache_clear()
+    method_parts.import_problem.cache_clear()
     assert m.METHODS["hidiffusion"].unavailable() is None
     yield
     for name in [name for name in sys.modules if name.split(".")[0] == "hidiffusion"]:
         del sys.modules[name]
-    m._import_problem.cache_clear()
+    method_parts.import_problem.cache_clear()
 
 
 def sd15_layout_pipeline(folder) -> StableDiffusionPipeline:

@@ -5,7 +5,6 @@ Timings are never asserted: they are meaningless on tiny models and on a shared 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import json
@@ -131,112 +130,16 @@ def test_real_sdxl_pipeline(speed, tmp_path):
     assert {row["baseline"] for row in results} == {"tomesd"}
 
 
-def test_variants_run_on_twins_in_alternating_order_and_the_estimate_is_shown_once(speed, capsys):
-    """Each variant gets its own twin of the model, kept for all its calls, so that the timed calls
-    can go round the variants (forward, then backward) whether or not they are compiled."""
-    from methods import Method, Variant
-
-    plan = [Variant(Method(name, name, name, uses_ratio=False)) for name in "abc"]
-    shown: list[str] = []
-    progress = argparse.Namespace(set_postfix_str=shown.append, update=lambda: None)
-    models: list[object] = []
-    workload = speed.Workload("unet", 64, 1, 1, lambda generate, warmup: models.append(generate))
-    args = argparse.Namespace(warmup=1, repeats=3, memory=False, device=torch.device("cpu"), options=None)
-    estimate = speed.Estimate("test", total=12 * workload.cost(), blocks=0)
-    target = torch.nn.Linear(2, 2)
-    results = speed.measure(workload, target, plan, args, "none", progress, estimate)
-
-    timed = [line.split()[2] for line in shown if "repeat" in line]
-    assert timed == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
-    assert all(len(result.seconds) == 3 for result in results.values())
-    assert capsys.readouterr().err.count("to go") == 1
-    called = [line.split()[2] for line in shown]  # warm-ups, then the timed calls
-    twins = {name: {id(model) for n, model in zip(called, models) if n == name} for name in "abc"}
-    assert all(len(ids) == 1 for ids in twins.values()) and len(set.union(*twins.values())) == 3
-    assert id(target) not in set.union(*twins.values())
-    assert all(model.weight is target.weight for model in models)  # new modules, the same weights
-
-
-def test_twin_of_a_pipeline_shares_every_weight(speed):
-    from unet_configs import ARCHS
-
-    pipe = ARCHS["tiny"].build_pipeline()
-    copy = speed.twin(pipe)
-    assert copy is not pipe and copy.unet is not pipe.unet and copy.scheduler is not pipe.scheduler
-    for name in ("unet", "vae", "text_encoder"):
-        original, twin = getattr(pipe, name), getattr(copy, name)
-        assert all(a is b for a, b in zip(original.parameters(), twin.parameters(), strict=True))
-
-
-def test_estimate_scales_the_first_call_by_the_cost_model(speed, capsys):
-    sd15 = speed.COST_MODELS["sd15"]
-    assert sd15.units(512) == 1.0
-    assert sd15.units(1024) == pytest.approx(0.8 * 4 + 0.2 * 16)
-    assert sd15.units(2048) == pytest.approx(0.8 * 16 + 0.2 * 256)  # 64 forwards at 512 px: about 11 min here
-    estimate = speed.Estimate("test", total=10.0, blocks=3)
-    estimate.add(1.0)
-    estimate.show(1.0, 2.0, compile_seconds=5.0, compiled=1)  # 9 units left at 2 s, two more methods to compile
-    assert "about 28 s to go" in capsys.readouterr().err
-
-
-def test_adapted_estimate_compares_the_first_call_with_the_a_priori_pace(speed, capsys):
-    estimate = speed.Estimate("test", total=10.0, blocks=0, rate=1.0, later=100.0)
-    estimate.add(1.0)
-    estimate.show(1.0, 2.0)  # 9 units left at 2 s: twice the a-priori 1 s per unit
-    err = capsys.readouterr().err
-    assert "adapted estimate: about 18 s to go; 2.0x the a-priori time per forward (a slower or busier" in err
-    assert "the later runs about 3 min 20 s at this pace" in err
-    assert speed._duration(5 * 3600 + 59) == "5 h 00 min"
-
-
-def _row(speed, method: str, seconds: list[float], load: float | None = None):
-    """A result row as rows_for makes it, from the timed seconds of one method on one workload."""
-    from methods import METHODS, Variant
-
-    result = speed.Measurement(seconds=seconds, loads=[] if load is None else [load])
-    return Variant(METHODS[method]), result
-
-
-def test_rows_say_how_far_each_method_gets_towards_the_ceiling(speed):
-    workload = speed.Workload("unet", 2048, 1, 1, lambda generate, warmup: None)
-    run = speed.Run("sd15", None, ("unet",), (2048,))
-    results = dict(_row(speed, name, [s]) for name, s in (("sd", 10.0), ("agent-phase", 4.0), ("ceiling", 2.0)))
-    rows = {row.method: row for row in speed.rows_for(run, workload, results, "sd")}
-    assert {name: row.ceiling_speedup for name, row in rows.items()} == {"sd": 5.0, "agent-phase": 5.0, "ceiling": 5.0}
-    assert [rows[name].of_the_way for name in ("sd", "agent-phase", "ceiling")] == [0.0, 0.75, 1.0]
-    from speed_report import format_table
-
-    assert "75% of 5.00x" in format_table(list(rows.values()))
-
-
-def test_noise_warnings_name_a_busy_machine_and_repeats_that_disagree(speed):
-    """Deterministic: the load readings are given. Two CPUs: a load average of 2 is this run's own
-    two threads, above it other work competed; repeats spreading over 10% are named with their spread."""
-    from speed_report import noise_warnings
-
-    workload = speed.Workload("unet", 512, 1, 1, lambda generate, warmup: None)
-    run = speed.Run("sd15", None, ("unet",), (512,))
-
-    def rows(tome_seconds: list[float], load: float | None):
-        results = dict([_row(speed, "sd", [10.0, 10.2], load), _row(speed, "tome-phase", tome_seconds, load)])
-        return speed.rows_for(run, workload, results, "sd")
-
-    assert noise_warnings(rows([6.0, 6.3], 2.0), cpus=2) == []
-    assert noise_warnings(rows([6.0, 6.3], None), cpus=2) == []  # no load average on this OS: nothing to say
-    (busy,) = noise_warnings(rows([6.0, 6.3], 3.4), cpus=2)
-    assert "load average up to 3.4 on 2 CPUs while timing every table" in busy
-    (spread,) = noise_warnings(rows([6.0, 10.4], 1.0), cpus=2)  # ToMe phase 1.67x, then 0.98x: as in issue 17.2
-    assert "tome-phase at 512 px 54%" in spread and "sd at" not in spread
-    assert noise_warnings(rows([6.0], 1.0), cpus=2) == []  # one timed call: no spread to judge
-
-
 def test_estimate_first_then_adapted_and_a_busy_machine_warned_on_a_tiny_model(speed, tmp_path, monkeypatch, capsys):
     """The a-priori estimate comes with the plan, before any model is built; after the first call
     the adapted one says how far the machine is from the reference pace; a load above the CPU count
     is warned before timing and beside the table."""
-    monkeypatch.setitem(speed.COST_MODELS, "tiny", speed.CostModel(64, 0.2, seconds=1e-6))
-    monkeypatch.setattr(speed, "machine_load", lambda: 5.0)
-    monkeypatch.setattr(speed, "CPUS", 2)
+    import timing
+    import workloads
+
+    monkeypatch.setitem(workloads.COST_MODELS, "tiny", workloads.CostModel(64, 0.2, seconds=1e-6))
+    monkeypatch.setattr(timing, "machine_load", lambda: 5.0)
+    monkeypatch.setattr(timing, "CPUS", 2)
     argv = ["--arch", "tiny", "--resolutions", "64", "--methods", "sd", "tome-phase", "--repeats", "2"]
     rows = speed.main([*argv, "--threads", "1", "--no-memory", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
@@ -286,7 +189,9 @@ def test_agentsd_compiles_whole_with_its_own_compile_unet(speed, tmp_path, monke
 def test_whole_model_compile_writes_each_method_when_it_is_done(speed, tmp_path, monkeypatch):
     """Whole-model compiled, each method compiles alone (a minute each on a GPU): a run stopped while
     the third one compiles has already written the first two's rows."""
-    compile_options = speed.compile_options
+    import measure
+
+    compile_options = measure.compile_options
     calls = []
 
     def stopped_at_the_third(*args, **kwargs):
@@ -295,7 +200,7 @@ def test_whole_model_compile_writes_each_method_when_it_is_done(speed, tmp_path,
             raise KeyboardInterrupt
         return compile_options(*args, **kwargs)
 
-    monkeypatch.setattr(speed, "compile_options", stopped_at_the_third)
+    monkeypatch.setattr(measure, "compile_options", stopped_at_the_third)
     argv = ["--arch", "tiny", "--compile", "--compile-backend", "eager", "--methods", "sd", "agent-phase", "todo"]
     argv += ["--resolutions", "64", "--repeats", "1", "--no-memory", "--threads", "1", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
@@ -334,47 +239,35 @@ def test_gpu_suite_plan_runs_on_tiny_models(speed, tmp_path):
             assert row["note"] is None and row["graph_breaks"] == 0, row
 
 
-def test_highres_and_gpu_suites_plan_the_issues_tables(speed):
-    """highres: SD 1.5 at 1024/1536/2048 px with tomesd, ToDo, AgentSD's phases and the ceiling;
-    SDXL at 1024/2048 px without tomesd and the ToMe phase. gpu: 2048 px and ToDo added, fewer
-    repeats; gpu-compile: the whole UNet with CUDA graphs, torch.compile's mode passed through."""
-    highres = speed.SUITES["highres"]
-    assert highres.settings["methods"] == ["sd", "tomesd", "todo", "agent-phase", "tome-phase", "ceiling"]
-    sizes = {(run.arch, px) for run in highres.runs for px in run.resolutions}
-    assert sizes == {("sd15", 1024), ("sd15", 1536), ("sd15", 2048), ("sdxl", 1024), ("sdxl", 2048)}
-    assert all(run.modes == ("unet",) and run.compile == "none" for run in highres.runs)
-    assert all(set(run.skip) == {"tomesd", "tome-phase"} for run in highres.runs if run.arch == "sdxl")
-    gpu = speed.SUITES["gpu"]
-    assert "todo" in gpu.settings["methods"]
-    assert ("sd15", 2048) in {(run.arch, px) for run in gpu.runs for px in run.resolutions}
-    gpu_compile = speed.SUITES["gpu-compile"]
-    assert gpu_compile.settings["compiler_mode"] == "reduce-overhead"
-    assert [(run.modes, run.resolutions, run.compile) for run in gpu_compile.runs] == [
-        (("unet",), (512, 1024), "none"),  # the same session's eager baseline first: seconds, written at once
-        (("pipeline",), (1024, 512), "full"),  # whole generations: the recipe's two graphs, both phases
-    ]
-    runs = [{m for m in gpu_compile.settings["methods"] if m not in run.skip} for run in gpu_compile.runs]
-    assert runs == [{"sd", "todo", "agent-phase"}, {"sd", "todo", "agentsd"}]
-
-    seen = {}
-    unet = torch.nn.Linear(2, 2)
-    unet.compile = lambda **options: seen.update(options)
-    speed.compile_unet(
-        unet, "full", speed.compile_options("inductor", fullgraph=False, compiler_mode="reduce-overhead")
-    )
-    assert seen == {"fullgraph": False, "dynamic": False, "backend": "inductor", "mode": "reduce-overhead"}
-
-
 def test_quick_suite_stays_a_two_minute_honest_comparison(speed):
     """The README's first command: SD against tomesd and both of AgentSD's phases (not the agent
     phase alone, its best case), in 12 forwards at 512 px (about 10 s each on 2 CPU cores)."""
-    args = speed.parse_args(["--suite", "quick"])
-    (run,) = args.runs
+    from workloads import COST_MODELS
+
+    settings = speed.parse_args(["--suite", "quick"])
+    (run,) = settings.runs
     assert (run.arch, run.modes, run.resolutions, run.compile) == ("sd15", ("unet",), (512,), "none")
-    assert [m.name for m in args.method_list] == ["sd", "tomesd", "agent-phase", "tome-phase"]
-    forwards = len(args.method_list) * (args.warmup + args.repeats + int(args.memory))
-    assert forwards * speed.COST_MODELS["sd15"].units(512) <= 12
-    assert args.repeats >= 2  # a median and a spread
+    assert [m.name for m in settings.methods] == ["sd", "tomesd", "agent-phase", "tome-phase"]
+    forwards = len(settings.methods) * (settings.warmup + settings.repeats + int(settings.memory))
+    assert forwards * COST_MODELS["sd15"].units(512) <= 12
+    assert settings.repeats >= 2  # a median and a spread
+
+
+def test_flags_come_to_explicit_settings(speed, tmp_path):
+    """parse_args checks the flags and returns one frozen record: runs, methods, defaults resolved."""
+    argv = ["--arch", "tiny", "--mode", "both", "--resolutions", "64", "64", "128", "--ratios", "0.4", "0.4", "0.5"]
+    settings = speed.parse_args([*argv, "--methods", "sd", "agentsd", "--device", "cpu", "--out", str(tmp_path)])
+    (run,) = settings.runs
+    assert (run.arch, run.modes, run.resolutions, run.compile) == ("tiny", ("unet", "pipeline"), (64, 128), "none")
+    assert [m.name for m in settings.methods] == ["sd", "agentsd"] and not settings.every_method
+    assert (settings.ratios, settings.dtype, settings.device.type) == ((0.4, 0.5), "float32", "cpu")
+    assert settings.flags["dtype"] == "float32" and settings.flags["ratios"] == [0.4, 0.5]
+    assert speed.parse_args(["--out", str(tmp_path)]).every_method  # --methods all
+
+
+def test_a_suite_sets_the_defaults_and_flags_given_win(speed):
+    settings = speed.parse_args(["--suite", "quick", "--repeats", "3"])
+    assert (settings.suite, settings.warmup, settings.repeats, settings.memory) == ("quick", 1, 3, False)
 
 
 def test_help_shows_every_default_once(speed):
@@ -386,7 +279,9 @@ def test_help_shows_every_default_once(speed):
     assert "(default: None)" not in text
     assert all(option.count("(default") <= 1 for option in options[1:])
     assert "sd15 when neither --arch nor --model" in " ".join(text.split())
-    for suite in speed.SUITES:
+    from suites import SUITES
+
+    for suite in SUITES:
         assert f"  {suite}: " in text
 
 
