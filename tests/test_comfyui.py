@@ -405,3 +405,14 @@ def test_bad_inputs_fail_comfys_validation_naming_the_input(engine, name: str, v
     assert not valid
     details = json.dumps(node_errors)
     assert "AgentSD" in details and expected in details
+
+
+def test_speed_script_times_every_method_interleaved(capsys) -> None:
+    import comfyui_speed
+
+    results = comfyui_speed.main(["--layout", "tiny", "--resolutions", "64", "--warmup", "0", "--repeats", "2"])
+    assert {method: len(seconds) for method, seconds in results[64].items()} == dict.fromkeys(comfyui_speed.METHODS, 2)
+    out = capsys.readouterr().out
+    assert "| method @ 64 px | s/forward | vs comfyui |" in out and "| agentsd |" in out
+    with pytest.raises(SystemExit, match="--resolutions must be multiples of 64"):
+        comfyui_speed.main(["--layout", "tiny", "--resolutions", "100"])
