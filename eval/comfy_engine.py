@@ -120,11 +120,13 @@ def engine_root() -> Path:
     return Path(spec.submodule_search_locations[0]) / "_comfyui"
 
 
-def load_engine(cpu: bool = True) -> Path:
+def load_engine(cpu: bool = True, pytorch_attention: bool = False) -> Path:
     """Make ComfyUI importable (``comfy``, ``nodes``, ``execution``, ...) and start it, once per process.
 
     Args:
         cpu: Run on the CPU (ComfyUI's ``--cpu``); else on the GPU it finds.
+        pytorch_attention: ComfyUI's ``--use-pytorch-cross-attention`` (SDPA); else the attention
+            ComfyUI picks for the device (sub-quadratic attention on the CPU).
 
     Returns:
         The engine's folder.
@@ -134,6 +136,9 @@ def load_engine(cpu: bool = True) -> Path:
         sys.path.insert(0, str(root))
     comfy_cli_args = importlib.import_module("comfy.cli_args")
     comfy_cli_args.args.cpu = cpu
+    comfy_cli_args.args.use_pytorch_cross_attention = (
+        pytorch_attention or comfy_cli_args.args.use_pytorch_cross_attention
+    )
     with _stand_ins("torchvision", "torchaudio"):
         for name in ENGINE_MODULES:
             importlib.import_module(name)

@@ -3,12 +3,13 @@
 Run, with the package and the ComfyUI engine installed (README: the test command's installs)::
 
     python eval/comfyui_speed.py                              # SD 1.5 layout, 1024 px, CPU fp32, batch 2
+    python eval/comfyui_speed.py --attention comfyui              # ComfyUI's own choice of attention
     python eval/comfyui_speed.py --resolutions 1024 2048 --device cuda --dtype float16
 
 The model is ComfyUI's own SD 1.5 UNet (the full layout, random weights, loaded through ComfyUI's
 UNet loader); each method is a model patch on a clone of it, applied by its node's own code:
 
-* ``comfyui``: the unpatched model (ComfyUI's attention, SDPA on this torch);
+* ``comfyui``: the unpatched model (``--attention``: SDPA by default, or what ComfyUI picks);
 * ``comfyui-tome``: ComfyUI's built-in ToMe node (``TomePatchModel``) at ``--ratio``;
 * ``agentsd``: the AgentSD node at ``--ratio``, its agent phase (the forward runs at ``--timestep``,
   981 by default, inside the recipe's agent phase: that is what the recipe runs there).
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method and resolution")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where ComfyUI runs")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="the model's weights")
+    parser.add_argument(
+        "--attention",
+        choices=("comfyui", "pytorch"),
+        default="pytorch",
+        help="the unpatched attention: pytorch is ComfyUI's --use-pytorch-cross-attention (SDPA, as diffusers "
+        "runs it); comfyui is what ComfyUI picks for the device (sub-quadratic attention on the CPU)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--layout", choices=tuple(comfy_engine.SD15_LAYOUTS), default="full", help="UNet layout")
     return parser
@@ -133,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, list[float]]]
         raise SystemExit(f"--resolutions must be multiples of 64 pixels, got {args.resolutions}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    comfy_engine.load_engine(cpu=args.device == "cpu")
+    comfy_engine.load_engine(cpu=args.device == "cpu", pytorch_attention=args.attention == "pytorch")
     device = torch.device(args.device)
     timing.warn_if_busy(WHO, "before the model is built")
     model = comfy_engine.random_sd15(args.layout, seed=0, dtype=DTYPES[args.dtype])
