@@ -83,7 +83,7 @@ def test_hires_suite_and_flags(speed, capsys):
     args = speed.parse_args(["--suite", "hires"])
     (run,) = args.runs
     assert (run.arch, run.modes, run.resolutions, run.steps) == ("sd15", ("hires",), (1024,), 20)
-    assert [method.name for method in args.method_list] == ["sd", "tomesd", "todo", "agentsd"]
+    assert [method.name for method in args.methods] == ["sd", "tomesd", "todo", "agentsd"]
     for flags in (["--steps", "1"], ["--resolutions", "192"]):
         with pytest.raises(SystemExit):
             speed.parse_args(["--arch", "tiny", "--mode", "hires", *flags])
