@@ -106,8 +106,8 @@ def test_regional_compile_with_every_stage_merged():
 def test_whole_model_compiles_to_one_graph_for_the_whole_generation(kind, patch_first):
     """diffusers' own recipe, ``torch.compile(unet, fullgraph=True)``: no break, and one graph for both
     phases (the phase is a ``torch.cond`` on the timestep), equal to eager at every step. Each order of
-    patching and compiling once, each on one family: the family decides the patched levels, the order
-    whether the patch meets compiled code; the two do not interact."""
+    patching and compiling runs once, on a different family, so that both orders and both families'
+    patched levels are covered."""
     unet = tiny_unet(kind).eval()
     sample, kwargs = _inputs(kind)
     unpatched = _run(unet, sample, kwargs, TIMESTEPS[0])
@@ -352,9 +352,10 @@ def test_compiled_generation_stays_close_to_eager(tmp_path):
     """What holds under inductor (real kernels, other rounding): each call equals eager to 1e-4, and a
     whole generation stays close. It need not be equal: a ~1e-5 difference can flip which tokens merge
     at a later step (any argmax-based merge does this), and the trajectories part slightly from there.
-    The patched blocks are compiled regionally, the way diffusers recommends, so inductor compiles a
-    small graph per block and phase (the whole UNet through inductor is the AOT package test's). The
-    calls compared are the pipeline's own, recorded in the eager generation."""
+    The UNet's transformer blocks are compiled regionally (``compile_repeated_blocks``), so inductor
+    compiles a small graph per block and phase; the whole UNet through inductor is the AOT package
+    test's, and one graph per generation is counted under the whole-model tests. The calls compared
+    are the pipeline's own, recorded in the eager generation."""
     pipe = tiny_pipeline("sd", tmp_path)
     pipe.set_progress_bar_config(disable=True)
     agentsd.apply_patch(pipe, ratio=0.4)
