@@ -34,6 +34,7 @@ from comfy_extras.nodes_tomesd import TomePatchModel  # noqa: E402
 
 import agentsd  # noqa: E402
 from agentsd.comfy_patch import apply_agentsd, noise_level, patched_state  # noqa: E402
+from agentsd.comfy_patch.model import is_comfy_tome  # noqa: E402
 from agentsd.comfy_patch.node import AgentSDNode, node_config  # noqa: E402
 
 NODE_FOLDER = REPO / "comfyui-agentsd"
@@ -405,6 +406,56 @@ def test_bad_inputs_fail_comfys_validation_naming_the_input(engine, name: str, v
     assert not valid
     details = json.dumps(node_errors)
     assert "AgentSD" in details and expected in details
+
+
+@pytest.fixture(scope="module")
+def server_tome(engine):
+    """ComfyUI's ToMe node as a server has it: its file loaded by path, the node from NODE_CLASS_MAPPINGS."""
+    comfy_engine.load_builtin_extra("nodes_tomesd.py")
+    node = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
+    assert node.__module__ != "comfy_extras.nodes_tomesd"  # named after its path, as in a server
+    yield node
+    del nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
+
+
+@pytest.mark.parametrize(("order", "refused_at"), [("tome-first", "AgentSD"), ("agentsd-first", "KSampler")])
+def test_comfys_tome_node_as_a_server_loads_it_is_refused_in_either_order(server_tome, order: str, refused_at: str):
+    """ToMe before AgentSD is refused when the AgentSD node runs; after it, when the sampler calls the model,
+    before the UNet runs (the AgentSD node cannot see the nodes after it)."""
+    prompt = load_workflow("txt2img.json", steps=2)
+    if order == "tome-first":
+        prompt["9"] = {"class_type": "TomePatchModel", "inputs": {"model": ["1", 0], "ratio": 0.5}}
+        prompt["2"]["inputs"]["model"] = ["9", 0]
+    else:
+        prompt["9"] = {"class_type": "TomePatchModel", "inputs": {"model": ["2", 0], "ratio": 0.5}}
+        prompt["6"]["inputs"]["model"] = ["9", 0]
+    with pytest.raises(comfy_engine.PromptError) as failed:
+        comfy_engine.run_prompt(prompt)
+    (error,) = failed.value.errors
+    assert (error["node_type"], error["exception_type"]) == (refused_at, "ValueError"), error["exception_message"]
+    assert "ComfyUI's ToMe node (TomePatchModel) and AgentSD" in error["exception_message"]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "comfy_extras.nodes_tomesd",
+        "/opt/ComfyUI/comfy_extras/nodes_tomesd",
+        "C:\\ComfyUI\\comfy_extras\\nodes_tomesd",
+    ],
+)
+def test_comfys_tome_patch_is_recognised_however_its_file_was_loaded(where: str) -> None:
+    """By the file the patch was defined in (a function's co_filename), else by its module's name."""
+    namespace: dict = {"__name__": where}
+    exec(compile("def tomesd_m(q, k, v, extra_options): pass", where.replace(".", "/") + ".py", "exec"), namespace)
+    assert is_comfy_tome(namespace["tomesd_m"])
+
+    class CallableObject:
+        def __call__(self, n, context, value, extra_options): ...
+
+    CallableObject.__module__ = where
+    assert is_comfy_tome(CallableObject())
+    assert not is_comfy_tome(patched_state) and not is_comfy_tome(lambda *args: args)
 
 
 def test_speed_script_times_every_method_interleaved(capsys) -> None:
