@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -456,6 +458,51 @@ def test_comfys_tome_patch_is_recognised_however_its_file_was_loaded(where: str)
     CallableObject.__module__ = where
     assert is_comfy_tome(CallableObject())
     assert not is_comfy_tome(patched_state) and not is_comfy_tome(lambda *args: args)
+
+
+#: Run in an environment without diffusers: ComfyUI's engine, then the node as a server loads it.
+WITHOUT_DIFFUSERS = """
+import importlib.util
+import sys
+
+sys.path[:0] = [{repo!r}, {eval!r}]
+assert importlib.util.find_spec("diffusers") is None, "this environment has diffusers"
+import comfy_engine
+
+comfy_engine.load_engine()
+import nodes
+import agentsd.attention, agentsd.block, agentsd.config, agentsd.layout, agentsd.merge, agentsd.schedule
+import agentsd.selection
+import agentsd.comfy_patch
+
+assert "diffusers" not in sys.modules, "the core or agentsd.comfy_patch imported diffusers"
+comfy_engine.load_node_folder({node_folder!r})
+(patched,) = nodes.NODE_CLASS_MAPPINGS["AgentSD"]().patch(comfy_engine.random_sd15("tiny"), **{defaults!r})
+import torch
+
+comfy_engine.unet_call(patched, torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), 999)()
+assert "diffusers" not in sys.modules, "the node imported diffusers"
+try:
+    agentsd.apply_patch
+except ModuleNotFoundError as error:
+    print(error)
+"""
+
+
+def test_the_node_loads_and_runs_in_an_environment_without_diffusers(tmp_path) -> None:
+    """The node calls none of diffusers: in a virtual environment that lacks it (tests/venvs.py), the core,
+    ``agentsd.comfy_patch`` and the node folder load through ComfyUI's loader, and the node patches and
+    runs a model; ``agentsd.apply_patch`` says what to install."""
+    from venvs import venv_borrowing_packages
+
+    python = venv_borrowing_packages(tmp_path / "venv", REPO, leave_out=("diffusers",), with_pip=False)
+    script = WITHOUT_DIFFUSERS.format(
+        repo=str(REPO), eval=str(REPO / "eval"), node_folder=str(NODE_FOLDER), defaults=NODE_DEFAULTS
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([python, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "python -m pip install diffusers" in done.stdout
 
 
 def test_speed_script_times_every_method_interleaved(capsys) -> None:
