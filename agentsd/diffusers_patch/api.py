@@ -154,6 +154,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             downsample=site.downsample,
             name=site.name,
             last_stage=stages[-1][0],
+            attention=next((name for name, kind in stages if kind in ("self", "joint")), stages[0][0]),
             cross_only=bool(getattr(site.module, "only_cross_attention", False)),
         )
         state.blocks.append(block)
@@ -269,4 +270,4 @@ def patch_summary(model: Any) -> PatchSummary | None:
     if patch is None:
         return None
     owner = model if model is not unet else (patch.state.rule.owner() if patch.state.rule.owner else None)
-    return summarize(patch.state, patch.max_downsample, patch.total_blocks, owner)
+    return summarize(patch.state, patch.max_downsample, patch.total_blocks, owner, type(unet).__name__)

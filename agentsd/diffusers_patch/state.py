@@ -178,6 +178,7 @@ class BlockState:
         downsample: Its resolution level (1 = the latent's).
         name: Its path in the UNet.
         last_stage: The last of its stages that merges (by attribute name); that stage drops the plan.
+        attention: The name of its self- or joint attention stage (what the summary reports first).
         metric: This call's block input, the similarity metric (until the block returns).
         layout: The grid layout of the last eager call.
         plan: This call's merge plan, when the phase is known on the host.
@@ -192,6 +193,7 @@ class BlockState:
     downsample: int
     name: str = ""
     last_stage: str = "attn1"
+    attention: str = "attn1"
     cross_only: bool = False
     metric: torch.Tensor | None = None
     layout: GridLayout | None = None
@@ -244,7 +246,9 @@ class BlockState:
             return call.output(plan, x)
         phases = tuple(astuple(phase) for phase in (self.config.phases if unet.phase is None else (unet.phase,)))
         level = unet.rule.level_on_device(unet.timestep)
-        traced_stage = block_runner.traced_stage(len(phases), x.is_cuda)
+        traced_stage = block_runner.traced_stage(
+            len(phases), x.is_cuda, not getattr(call.module, "context_pre_only", False)
+        )
         return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
 
     def record(self, call: StageCall | JointCall, plan: MergePlan | None, x: torch.Tensor) -> None:
