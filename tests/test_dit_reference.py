@@ -122,3 +122,16 @@ def test_odd_batch_uses_fixed_destinations(models):
         patched = _forward(model, inputs)
     expected, _ = _reference_output(model, inputs, agentsd.recipe(RATIO)[0], None)
     assert (patched - expected).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["flux", "pixart"])
+def test_grid_without_a_full_cell_runs_unmerged(models, kind):
+    """An 8x2 token grid holds no full 4x4 cell of the agent phase: no destination, so nothing can
+    merge and the blocks run as the model does."""
+    model = models[kind]
+    inputs = dit_inputs(kind, TIMESTEPS["agents"], size=(16, 4))
+    with agentsd.patched(model, ratio=RATIO):
+        patched = _forward(model, inputs)
+        runs = [run for block in agentsd.patch_summary(model).blocks for _, run in block.runs]
+    assert torch.equal(patched, _forward(model, inputs))
+    assert runs and not any(run.merged for run in runs)
