@@ -170,6 +170,12 @@ class ReferenceDiT:
     gives the destination positions of the block that runs ``index``-th in a call, or ``None`` for the
     fixed top-left ones. ``branches`` records, per attention call, ``(block, layer, "agents" or
     "softmax")``.
+
+    ``merge_mlp``: the feed-forward (``ff``) runs on the merged tokens too (plain ToMe with the block's
+    plan). In Flux's single-stream block the MLP branch's ``proj_mlp`` runs on the merged image
+    tokens and is unmerged right after: the note's "join and proj_out on the merged tokens, update
+    unmerged" is the same, since the activation, the join, ``proj_out`` and the gate act on each token
+    alone and a merged token's attention output is what its members copy.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class ReferenceDiT:
         destinations: Destinations | None = None,
         k_scale2: float = 0.3,
         k_shortcut: float = 0.075,
+        merge_mlp: bool = False,
     ) -> None:
         self.model, self.family = model, type(model).__name__
         self.ratio, self.agent_ratio, self.sx, self.sy = ratio, agent_ratio, sx, sy
@@ -199,6 +206,10 @@ class ReferenceDiT:
                 self._replace(block.attn, JointAttention(self, block, kind))
                 if getattr(block, "attn2", None) is not None:
                     self._replace(block.attn2, SelfAttention(self, block, "attn2"))
+            if merge_mlp:
+                single = kind == "FluxSingleTransformerBlock"
+                mlp = block.proj_mlp if single else block.ff
+                self.handles.append(mlp.register_forward_hook(self._merged_mlp(block, single)))
 
     def _blocks(self) -> list[tuple[str, torch.nn.Module]]:
         found = [(f"transformer_blocks.{i}", block) for i, block in enumerate(self.model.transformer_blocks)]
@@ -251,6 +262,22 @@ class ReferenceDiT:
             self.plans.append(block._reference_plan)
 
         return plan
+
+    def _merged_mlp(self, block: torch.nn.Module, after_text: bool):
+        """A forward hook that replaces the output of ``block``'s feed-forward (or, ``after_text``, of
+        a single-stream block's ``proj_mlp``, whose input starts with the text tokens) by its output
+        on the merged image tokens, unmerged."""
+
+        def hook(module, args, output):
+            x = args[0]
+            plan: BlockPlan = block._reference_plan
+            n = plan.tokens.members.shape[1]
+            text, image = x[:, : x.shape[1] - n], x[:, x.shape[1] - n :]
+            image_out = plan.tokens.unmerge(type(module).forward(module, plan.tokens.merge(image)))
+            self.branches.append((plan.name, "mlp", "merged"))
+            return torch.cat([type(module).forward(module, text), image_out], dim=1) if after_text else image_out
+
+        return hook
 
     def rotary(self, text_tokens: int, table) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """Flux: the text rows' angles [1, T, D/2], and a function from grid positions [B, G] to
