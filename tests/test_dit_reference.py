@@ -115,22 +115,7 @@ def test_patched_transformer_equals_reference(models, kind, phase_name, use_rand
         assert any(sorted(destinations(i, h, w)) != fixed_destinations(h, w, phase.sx, phase.sy) for i in range(2))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "sd3",
-        pytest.param(
-            "flux",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="merge_mlp leaves the MLP branch of Flux's single-stream blocks unmerged "
-                "(stage_kinds gives FluxSingleTransformerBlock no feed-forward stage), where agentsd-dit.md "
-                "merges it",
-            ),
-        ),
-        "pixart",
-    ],
-)
+@pytest.mark.parametrize("kind", ["sd3", "flux", "pixart"])
 def test_merge_mlp_equals_reference(models, kind):
     """With ``merge_mlp`` the feed-forward (Flux's single-stream block: its MLP branch) runs on the
     block's merged tokens too, in the agent phase with random destinations."""

@@ -62,7 +62,9 @@ def stage_kinds(block: torch.nn.Module) -> dict[str, StageKind]:
                 "agentsd patches Flux with diffusers >= 0.35, whose single-stream blocks take the text and "
                 "image tokens apart; upgrade diffusers (python -m pip install -U diffusers)"
             )
-        return {"attn": "joint"}  # its feed-forward is a branch beside attention, joined in proj_out
+        # Its MLP branch runs (first) beside attention and is joined to it per token by proj_out, so
+        # merging the branch's projection and copying its rows back is the branch on merged tokens.
+        return {"proj_mlp": "ff", "attn": "joint"}
     else:
         raise TypeError(f"agentsd cannot patch a {name}")
     return stages | {"ff": "ff"}

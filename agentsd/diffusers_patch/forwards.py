@@ -132,7 +132,7 @@ def stage_forward(
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kind == "ff" or previous is not None:
-            call = StageCall(module, stage, previous, args, kwargs, None)
+            call = StageCall(module, stage, previous, args, kwargs, None, kind == "ff")
         else:
             processor = module.processor
             keywords = accepted.get(type(processor))

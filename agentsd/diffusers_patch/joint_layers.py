@@ -134,6 +134,10 @@ class JointCall(NamedTuple):
             return self.previous(x, *self.args, **self.kwargs)
         return self.module.processor(self.module, x, *self.args, **self.kwargs)
 
+    def runner(self) -> Any:
+        """What runs the call: the layer's processor (or another library's forward, the module)."""
+        return self.module if self.previous is not None else self.module.processor
+
     def fits(self, plan: MergePlan | None, x: torch.Tensor) -> bool:
         """Whether this call runs on ``plan``'s merged tokens: the image tokens fit the plan, and a
         rotary model's processor is one whose math runs here."""

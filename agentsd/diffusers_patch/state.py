@@ -254,7 +254,7 @@ class BlockState:
     def record(self, call: StageCall | JointCall, plan: MergePlan | None, x: torch.Tensor) -> None:
         """Note what ``call`` runs (for :func:`agentsd.patch_summary`)."""
         merged = call.fits(plan, x)
-        runs = call.module if call.stage == "ff" or call.previous is not None else call.module.processor
+        runs = call.runner()
         self.runs[call.stage] = StageRun(
             phase=self.config.phases.index(self.unet.phase),
             processor=type(runs).__name__ if call.previous is None else "replaced forward",
