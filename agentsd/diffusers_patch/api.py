@@ -25,9 +25,10 @@ from ..config import AgentSDConfig
 from .blocks import find_unet, is_unet, transformer_blocks, unsupported_blocks
 from .forwards import Override, UNetForward
 from .layers import StageName
+from .models import attention_without_blocks, refuse_unsupported, temporal_block_count
 from .state import BlockState, UNetState
 from .summary import PatchSummary, summarize
-from .timesteps import NoiseRule
+from .timesteps import NoiseRule, model_unit
 
 logger = logging.getLogger("agentsd")
 
@@ -45,12 +46,14 @@ class Patch:
         overrides: Every module whose ``forward`` was replaced, in the order they were.
         max_downsample: The coarsest level patched.
         total_blocks: The UNet's spatial transformer blocks, patched or not.
+        temporal_blocks: Its temporal transformer blocks (tokens = frames), never patched.
     """
 
     state: UNetState
     overrides: list[Override] = field(default_factory=list)
     max_downsample: int = 1
     total_blocks: int = 0
+    temporal_blocks: int = 0
 
     @property
     def unet_forward(self) -> UNetForward:
@@ -112,7 +115,8 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
 
     Args:
         model: A diffusers pipeline with a ``.unet`` (SD 1.x, 2.x, SDXL; text-to-image,
-            image-to-image, inpainting, ControlNet, PAG, AnimateDiff, ...) or its UNet.
+            image-to-image, inpainting, ControlNet, PAG, AnimateDiff, Stable Video Diffusion, ...) or
+            its UNet.
         config: The settings; or pass them as keywords (``ratio=0.4``, ``schedule="fixed"``, ...),
             see :class:`AgentSDConfig`. Not both.
 
@@ -126,11 +130,16 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
         raise TypeError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}")
     config = config if config is not None else AgentSDConfig(**knobs)
     unet = find_unet(model)
+    refuse_unsupported(model, unet)
     sites = transformer_blocks(unet)
     others = unsupported_blocks(unet)
     if not sites:
-        found = f"; its transformer blocks are {', '.join(others)}, which AgentSD does not support" if others else ""
-        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch{found}")
+        found = (
+            f"its transformer blocks are {', '.join(others)}, which AgentSD does not support"
+            if others
+            else attention_without_blocks(unet)
+        )
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch; {found}")
     if others:
         warnings.warn(
             f"agentsd patches only BasicTransformerBlocks; this model's {', '.join(others)} blocks stay unpatched",
@@ -144,8 +153,9 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     owner = weakref.ref(model) if model is not unet else None
 
     remove_patch(unet)
-    state = UNetState(config=config, rule=NoiseRule(num_train_timesteps, owner))
-    patch = Patch(state, max_downsample=max_downsample, total_blocks=len(sites))
+    state = UNetState(config=config, rule=NoiseRule(num_train_timesteps, owner, model_unit=model_unit(unet)))
+    temporal = temporal_block_count(unet, [site.module for site in sites])
+    patch = Patch(state, max_downsample=max_downsample, total_blocks=len(sites), temporal_blocks=temporal)
     patch.overrides.append(Override(unet, "unet", state).install())
     for site in sites:
         stages = merging_stages(config, site.module) if site.downsample <= max_downsample else []
@@ -270,4 +280,4 @@ def patch_summary(model: Any) -> PatchSummary | None:
     if patch is None:
         return None
     owner = model if model is not unet else (patch.state.rule.owner() if patch.state.rule.owner else None)
-    return summarize(patch.state, patch.max_downsample, patch.total_blocks, owner)
+    return summarize(patch.state, patch.max_downsample, patch.total_blocks, owner, patch.temporal_blocks)

@@ -1,9 +1,10 @@
 """Finding a diffusers model's UNet and the transformer blocks AgentSD patches in it.
 
 The blocks are the ``BasicTransformerBlock`` objects of the UNet's spatial transformers
-(``Transformer2DModel``), whose tokens are the pixels of one feature map. Temporal transformers
-(AnimateDiff's motion modules, whose tokens are frames) use the same block class but are not
-spatial: they are never patched.
+(``Transformer2DModel``, and the spatial half of SVD's ``TransformerSpatioTemporalModel``: see
+``models``), whose tokens are the pixels of one feature map. Temporal transformers
+(AnimateDiff's motion modules, SVD's temporal blocks, whose tokens are frames) are not spatial:
+they are never patched.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..selection import BlockSite, select_sites, top_attention_level
+from .models import SPATIAL_TRANSFORMERS, TEMPORAL_BLOCKS, refuse_unsupported
 
 UNET_PARTS = ("down_blocks", "up_blocks", "conv_in")
 
@@ -59,7 +60,7 @@ def transformer_blocks(unet: torch.nn.Module) -> list[BlockSite]:
     found = []
     for prefix, scope, downsample in scopes:
         for name, module in scope.named_modules():
-            if not isinstance(module, Transformer2DModel):
+            if not isinstance(module, SPATIAL_TRANSFORMERS):
                 continue
             for index, block in enumerate(module.transformer_blocks):
                 if isinstance(block, BasicTransformerBlock):
@@ -68,12 +69,15 @@ def transformer_blocks(unet: torch.nn.Module) -> list[BlockSite]:
 
 
 def unsupported_blocks(unet: torch.nn.Module) -> list[str]:
-    """Class names of the transformer blocks of ``unet`` that are not ``BasicTransformerBlock`` (left unpatched)."""
+    """Class names of the transformer blocks of ``unet`` that are neither ``BasicTransformerBlock`` nor temporal
+    (left unpatched)."""
     return sorted(
         {
             type(module).__name__
             for module in unet.modules()
-            if type(module).__name__.endswith("TransformerBlock") and not isinstance(module, BasicTransformerBlock)
+            if type(module).__name__.endswith("TransformerBlock")
+            and not isinstance(module, BasicTransformerBlock)
+            and type(module).__name__ not in TEMPORAL_BLOCKS
         }
     )
 
@@ -92,7 +96,9 @@ def select_blocks(model: Any, max_downsample: int | None = None) -> list[BlockSi
         :class:`~agentsd.selection.BlockSite` objects (``name``, ``module``, ``downsample``), in the
         order the blocks run.
     """
-    return select_sites(transformer_blocks(find_unet(model)), max_downsample)
+    unet = find_unet(model)
+    refuse_unsupported(model, unet)
+    return select_sites(transformer_blocks(unet), max_downsample)
 
 
 def top_attention_downsample(model: Any) -> int:

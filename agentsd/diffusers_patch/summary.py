@@ -29,6 +29,8 @@ class PatchedBlock:
         tokens_seen: Its token count at its last call (``None`` before the first).
         cross_only: Whether its ``attn1`` attends to the text (no self-attention: ToMe in every phase).
         runs: What each merging stage ran (``"attn1"`` etc.), at its last eager call.
+        frames_seen: The frames of a video it merged one by one at its last call (1 for images; ``None``
+            before the first).
     """
 
     name: str
@@ -36,6 +38,7 @@ class PatchedBlock:
     tokens_seen: int | None
     cross_only: bool = False
     runs: tuple[tuple[str, StageRun], ...] = ()
+    frames_seen: int | None = None
 
     def ran(self, stage: str = "attn1") -> StageRun | None:
         return dict(self.runs).get(stage)
@@ -57,6 +60,7 @@ class PatchSummary:
         scheduler: Class name of the pipeline's scheduler, or ``None`` for a bare UNet.
         steps: For a pipeline whose scheduler has a schedule: ``(first step, last step, phase index)``
             runs over its steps, else ``()``.
+        temporal_blocks: The UNet's temporal transformer blocks (tokens = frames), never patched.
     """
 
     config: AgentSDConfig
@@ -66,6 +70,7 @@ class PatchSummary:
     num_train_timesteps: int = 1000
     scheduler: str | None = None
     steps: tuple[tuple[int, int, int], ...] = ()
+    temporal_blocks: int = 0
 
     def __str__(self) -> str:
         levels = sorted({block.downsample for block in self.blocks})
@@ -92,6 +97,7 @@ class PatchSummary:
                 f"  {cross_only} of the {len(self.blocks)} blocks have no self-attention (attn1 attends to the "
                 "text, only_cross_attention): no agents there, ToMe in every phase"
             )
+        lines += self._video()
         if self.steps:
             total = self.steps[-1][1] + 1
             ranges = ", ".join(
@@ -101,6 +107,17 @@ class PatchSummary:
             lines.append(f"  {self.scheduler}, {total} steps: {ranges}")
         lines += self._last_call()
         return "\n".join(lines)
+
+    def _video(self) -> list[str]:
+        """The ``video:`` line of a video UNet: frames per video in the last call, the temporal blocks left alone."""
+        frames = sorted({block.frames_seen for block in self.blocks if block.frames_seen is not None})
+        if not self.temporal_blocks and frames in ([], [1]):
+            return []
+        seen = f"{'/'.join(map(str, frames))} frames per video in the last call, " if frames else ""
+        return [
+            f"  video: {seen}each frame merged on its own; the {self.temporal_blocks} temporal transformer blocks "
+            "(tokens = frames) are not patched"
+        ]
 
     def _kind(self, index: int) -> str:
         return "agent attention" if self.config.phases[index].uses_agents else "ToMe"
@@ -134,11 +151,18 @@ def scheduler_steps(owner: Any, rule: NoiseRule, config: AgentSDConfig) -> tuple
     return type(scheduler).__name__, tuple(step_ranges(phases))
 
 
-def summarize(state: UNetState, max_downsample: int, total_blocks: int, owner: Any = None) -> PatchSummary:
+def summarize(
+    state: UNetState, max_downsample: int, total_blocks: int, owner: Any = None, temporal_blocks: int = 0
+) -> PatchSummary:
     """The :class:`PatchSummary` of a patched UNet's state (``owner``: the pipeline, if any)."""
     blocks = tuple(
         PatchedBlock(
-            block.name, block.downsample, block.tokens_seen, block.cross_only, tuple(sorted(block.runs.items()))
+            block.name,
+            block.downsample,
+            block.tokens_seen,
+            block.cross_only,
+            tuple(sorted(block.runs.items())),
+            block.frames_seen,
         )
         for block in state.blocks
     )
@@ -151,4 +175,5 @@ def summarize(state: UNetState, max_downsample: int, total_blocks: int, owner: A
         num_train_timesteps=state.num_train_timesteps,
         scheduler=scheduler,
         steps=steps,
+        temporal_blocks=temporal_blocks,
     )
