@@ -69,6 +69,7 @@ from shared import DTYPES, HelpFormatter  # isort: skip
 from speed_report import Row, format_table, noise_warnings, rows_for, run_record, write_outputs  # isort: skip
 from suites import COMPILE_MODES, MODES, SUITES, PlannedRun, timed_in  # isort: skip
 from unet_configs import ARCHS  # isort: skip
+from video import VIDEO_UNETS  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE, SEED, WARMUP_STEPS  # isort: skip
 from workloads import Workload, hires_pipeline, hires_steps, load_models, run_workloads  # isort: skip
 
@@ -211,6 +212,8 @@ def _plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tup
     if args.suite is None:
         modes = ("unet", "pipeline") if args.mode == "both" else (args.mode,)
         arch = None if args.model else args.arch or "sd15"
+        if arch in ARCHS and ARCHS[arch].unet_class.__name__ in VIDEO_UNETS and modes != ("unet",):
+            parser.error(f"argument --arch: {arch} (a video UNet, random weights) is timed in --mode unet only")
         return (PlannedRun(arch, args.model, modes, tuple(dict.fromkeys(args.resolutions)), args.compile, args.steps),)
     given = [flag for flag, dest in _RUN_FLAGS if getattr(args, dest) != parser.get_default(dest)]
     if given:

@@ -30,6 +30,8 @@ class PatchedBlock:
         cross_only: Whether its ``attn1`` attends to the text (no self-attention: ToMe in every phase).
         runs: What each merging stage ran (``"attn1"`` etc.), at its last eager call.
         attention: The name of its self- or joint attention stage (``"attn1"``; ``"attn"`` in SD3 and Flux).
+        frames_seen: The frames of a video it merged one by one at its last call (1 for images; ``None``
+            before the first).
     """
 
     name: str
@@ -38,6 +40,7 @@ class PatchedBlock:
     cross_only: bool = False
     runs: tuple[tuple[str, StageRun], ...] = ()
     attention: str = "attn1"
+    frames_seen: int | None = None
 
     def ran(self, stage: str | None = None) -> StageRun | None:
         """What ``stage`` (by default its attention) ran at its last eager call."""
@@ -62,6 +65,7 @@ class PatchSummary:
             runs over its steps, else ``()``.
         model: Class name of the patched model.
         family: ``"UNet"``, or the diffusion transformer's family (``"SD3"``, ``"Flux"``, ``"PixArt"``).
+        temporal_blocks: The UNet's temporal transformer blocks (tokens = frames), never patched.
     """
 
     config: AgentSDConfig
@@ -73,6 +77,7 @@ class PatchSummary:
     steps: tuple[tuple[int, int, int], ...] = ()
     model: str = "UNet2DConditionModel"
     family: str = "UNet"
+    temporal_blocks: int = 0
 
     def __str__(self) -> str:
         levels = sorted({block.downsample for block in self.blocks})
@@ -103,6 +108,7 @@ class PatchSummary:
                 f"  {cross_only} of the {len(self.blocks)} blocks have no self-attention (attn1 attends to the "
                 "text, only_cross_attention): no agents there, ToMe in every phase"
             )
+        lines += self._video()
         if self.steps:
             total = self.steps[-1][1] + 1
             ranges = ", ".join(
@@ -112,6 +118,17 @@ class PatchSummary:
             lines.append(f"  {self.scheduler}, {total} steps: {ranges}")
         lines += self._last_call()
         return "\n".join(lines)
+
+    def _video(self) -> list[str]:
+        """The ``video:`` line of a video UNet: frames per video in the last call, the temporal blocks left alone."""
+        frames = sorted({block.frames_seen for block in self.blocks if block.frames_seen is not None})
+        if not self.temporal_blocks and frames in ([], [1]):
+            return []
+        seen = f"{'/'.join(map(str, frames))} frames per video in the last call, " if frames else ""
+        return [
+            f"  video: {seen}each frame merged on its own; the {self.temporal_blocks} temporal transformer blocks "
+            "(tokens = frames) are not patched"
+        ]
 
     def _kind(self, index: int) -> str:
         return "agent attention" if self.config.phases[index].uses_agents else "ToMe"
@@ -146,7 +163,12 @@ def scheduler_steps(owner: Any, rule: NoiseRule, config: AgentSDConfig) -> tuple
 
 
 def summarize(
-    state: UNetState, max_downsample: int, total_blocks: int, owner: Any = None, model: str = "UNet2DConditionModel"
+    state: UNetState,
+    max_downsample: int,
+    total_blocks: int,
+    owner: Any = None,
+    model: str = "UNet2DConditionModel",
+    temporal_blocks: int = 0,
 ) -> PatchSummary:
     """The :class:`PatchSummary` of a patched model's state (``owner``: the pipeline, if any; ``model``:
     the patched model's class name)."""
@@ -158,6 +180,7 @@ def summarize(
             block.cross_only,
             tuple(sorted(block.runs.items())),
             block.attention,
+            block.frames_seen,
         )
         for block in state.blocks
     )
@@ -172,4 +195,5 @@ def summarize(
         steps=steps,
         model=model,
         family=state.backbone.family,
+        temporal_blocks=temporal_blocks,
     )
