@@ -14,21 +14,21 @@ TEXT_TOKENS = 6
 LATENT = 16
 
 
-def tiny_sd3(seed: int = 0, dual: bool = True) -> SD3Transformer2DModel:
+def tiny_sd3(seed: int = 0, dual: bool = True, channels: int = 4) -> SD3Transformer2DModel:
     """SD3.5-shaped: two joint blocks (the first with SD3.5's second attention), qk-norm, the last block
-    ``context_pre_only``."""
+    ``context_pre_only``; ``channels`` latent channels."""
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=LATENT,
         patch_size=2,
-        in_channels=4,
+        in_channels=channels,
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
         joint_attention_dim=32,
         caption_projection_dim=32,
         pooled_projection_dim=16,
-        out_channels=4,
+        out_channels=channels,
         pos_embed_max_size=32,
         dual_attention_layers=(0,) if dual else (),
         qk_norm="rms_norm",
@@ -120,3 +120,114 @@ def dit_inputs(kind: str, timestep: float, batch: int = 2, size: tuple[int, int]
 
 
 TINY_DITS = {"sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
+
+
+def _tiny_vae(seed: int = 0, channels: int = 4):
+    """A VAE with a downsampling factor of 2 and SD3 / Flux's latent shift (image 32 px <-> latent 16)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=channels,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+#: The pipelines :func:`tiny_dit_pipeline` builds.
+DIT_PIPELINES = (
+    "sd3",
+    "sd3-img2img",
+    "sd3-inpaint",
+    "sd3-controlnet",
+    "flux",
+    "flux-img2img",
+    "flux-inpaint",
+    "flux-fill",
+    "flux-controlnet",
+    "pixart-alpha",
+    "pixart-sigma",
+)
+
+
+def tiny_dit_pipeline(kind: str):
+    """A tiny pipeline of ``kind`` (one of :data:`DIT_PIPELINES`) without text encoders: call it with
+    :func:`pipeline_inputs`, which passes the prompt embeddings."""
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    family, _, variant = kind.partition("-")
+    channels = 16 if kind == "sd3-inpaint" else 4  # SD3's inpainting asks for SD3's 16 latent channels
+    vae = _tiny_vae(channels=channels)
+    if family == "sd3":
+        names = {"": "StableDiffusion3Pipeline", "img2img": "StableDiffusion3Img2ImgPipeline"}
+        names |= {"inpaint": "StableDiffusion3InpaintPipeline", "controlnet": "StableDiffusion3ControlNetPipeline"}
+        transformer = tiny_sd3(channels=channels)
+        parts = dict(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae)
+        parts |= {f"{name}{suffix}": None for name in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+        if variant == "controlnet":
+            torch.manual_seed(1)
+            parts["controlnet"] = diffusers.SD3ControlNetModel(
+                sample_size=LATENT, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
+                out_channels=4, pos_embed_max_size=32,
+            )  # fmt: skip
+    elif family == "flux":
+        names = {"": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+        names |= {"fill": "FluxFillPipeline", "controlnet": "FluxControlNetPipeline"}
+        transformer = tiny_flux()
+        if variant == "fill":  # latents, masked-image latents and the mask, packed 2x2
+            torch.manual_seed(0)
+            transformer = FluxTransformer2DModel(**{**transformer.config, "in_channels": 48, "out_channels": 16})
+        shift = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16)
+        scheduler = FlowMatchEulerDiscreteScheduler(max_image_seq_len=256, **shift)
+        parts = dict(transformer=transformer, scheduler=scheduler, vae=vae)
+        parts |= {f"{name}{suffix}": None for name in ("text_encoder", "tokenizer") for suffix in ("", "_2")}
+        if variant == "controlnet":
+            torch.manual_seed(1)
+            parts["controlnet"] = diffusers.FluxControlNetModel(
+                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+            )  # fmt: skip
+    elif family == "pixart":
+        names = {"alpha": "PixArtAlphaPipeline", "sigma": "PixArtSigmaPipeline"}
+        parts = dict(transformer=tiny_pixart(), scheduler=DPMSolverMultistepScheduler(), vae=vae)
+        parts |= {"text_encoder": None, "tokenizer": None}
+    else:
+        raise ValueError(f"kind must be one of {', '.join(DIT_PIPELINES)}; got {kind!r}")
+    pipe = getattr(diffusers, names[variant])(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_inputs(kind: str, steps: int = 4, seed: int = 0) -> dict:
+    """The keyword arguments of one tiny generation by a :func:`tiny_dit_pipeline` of ``kind`` (32x32 px)."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, TEXT_TOKENS, 32, generator=generator)
+    pooled = torch.randn(1, 16, generator=generator)
+    image = torch.rand(1, 3, 32, 32, generator=generator)
+    family, _, variant = kind.partition("-")
+    inputs = dict(num_inference_steps=steps, height=32, width=32, output_type="pt")
+    inputs["generator"] = torch.Generator().manual_seed(seed)
+    if family == "pixart":
+        mask = torch.ones(1, TEXT_TOKENS)
+        inputs |= dict(prompt_embeds=text, prompt_attention_mask=mask, negative_prompt=None)
+        inputs |= dict(negative_prompt_embeds=torch.zeros_like(text), negative_prompt_attention_mask=mask)
+        return inputs | dict(use_resolution_binning=False)
+    inputs |= dict(prompt_embeds=text, pooled_prompt_embeds=pooled)
+    if family == "sd3":
+        inputs |= dict(negative_prompt_embeds=torch.zeros_like(text), negative_pooled_prompt_embeds=pooled * 0)
+    if variant in ("img2img", "inpaint"):
+        inputs |= dict(image=image, strength=0.75)
+    if variant in ("inpaint", "fill"):
+        inputs |= dict(image=image, mask_image=torch.ones(1, 1, 32, 32))
+    if variant == "controlnet":
+        inputs |= dict(control_image=image, controlnet_conditioning_scale=0.5)
+    return inputs
