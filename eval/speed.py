@@ -64,10 +64,10 @@ from estimate import Estimate, a_priori_rate, a_priori_seconds, planned_cost, pr
 from measure import Measurement, measure  # isort: skip
 from methods import METHODS, Method, Variant, add_method_arguments, options_from, resolve_methods  # isort: skip
 from methods import variants as method_variants  # isort: skip
-from settings import ALL, SpeedSettings  # isort: skip
+from settings import ALL, PlannedRun, SpeedSettings  # isort: skip
 from shared import DTYPES, HelpFormatter  # isort: skip
 from speed_report import Row, format_table, noise_warnings, rows_for, run_record, write_outputs  # isort: skip
-from suites import COMPILE_MODES, MODES, SUITES, PlannedRun, timed_in  # isort: skip
+from suites import COMPILE_MODES, MODES, SUITES, timed_in  # isort: skip
 from unet_configs import ARCHS  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE, SEED, WARMUP_STEPS  # isort: skip
 from workloads import Workload, hires_pipeline, hires_steps, load_models, run_workloads  # isort: skip

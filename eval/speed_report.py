@@ -30,8 +30,7 @@ from workloads import HIRES_RECIPE_NOTE, Workload  # isort: skip
 if TYPE_CHECKING:
     from measure import Measurement
     from methods import Variant
-    from settings import SpeedSettings
-    from suites import PlannedRun
+    from settings import PlannedRun, SpeedSettings
 
 MIB = 2**20
 

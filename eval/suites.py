@@ -1,5 +1,5 @@
-"""eval/speed.py's plans as data: a :class:`PlannedRun` is one model measured in some modes, at some
-resolutions, with one compile mode; a :class:`Suite` is a named plan of runs with the settings that
+"""eval/speed.py's plans as data: a :class:`Suite` is a named plan of runs (:class:`settings.PlannedRun`:
+one model measured in some modes, at some resolutions, with one compile mode) with the settings that
 replace the flags' defaults (``--suite NAME``).
 """
 
@@ -9,33 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from settings import PlannedRun  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE  # isort: skip
 
 MODES = ("unet", "pipeline", "hires")
 COMPILE_MODES = ("none", "regional", "full")
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One measurement of a plan: one model, its modes, resolutions, compile mode and steps.
-
-    A suite's run may also leave out methods that would only repeat another run's (``skip``) and
-    time fewer calls than the suite's default (``warmup``, ``repeats``: whole generations cost more).
-    """
-
-    arch: str | None
-    model: str | None
-    modes: tuple[str, ...]
-    resolutions: tuple[int, ...]
-    compile: str = "none"
-    steps: int = 50
-    skip: tuple[str, ...] = ()
-    warmup: int | None = None
-    repeats: int | None = None
-
-    @property
-    def source(self) -> str:
-        return self.model or f"{self.arch} (random weights)"
 
 
 @dataclass(frozen=True)

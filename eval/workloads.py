@@ -25,8 +25,7 @@ from shared import dtype_kwarg  # isort: skip
 from unet_configs import ARCHS, TEXT_TOKENS, Arch  # isort: skip
 
 if TYPE_CHECKING:
-    from settings import SpeedSettings
-    from suites import PlannedRun
+    from settings import PlannedRun, SpeedSettings
 
 SEED = 0
 #: Steps of a warm-up generation in pipeline mode: enough to run every code path of the loop once

@@ -7,6 +7,7 @@ Deterministic and fast: no whole run, no timing asserted; the loads and seconds 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -23,10 +24,44 @@ import suites  # noqa: E402
 import timing  # noqa: E402
 import workloads  # noqa: E402
 from methods import METHODS, Method, Variant  # noqa: E402
-from settings import SpeedSettings  # noqa: E402
+from settings import PlannedRun, SpeedSettings  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 CPU = torch.device("cpu")
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+
+
+# --- the modules ----------------------------------------------------------------------------------
+
+
+def eval_imports() -> dict[str, set[str]]:
+    """Which of eval/'s modules each one imports (those under ``TYPE_CHECKING`` included)."""
+    modules = {path.stem: path for path in EVAL.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        nodes = ast.walk(ast.parse(path.read_text()))
+        imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        nodes = ast.walk(ast.parse(path.read_text()))
+        imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_eval_modules_import_each_other_without_a_cycle():
+    """Each module can be read, and imported, after the ones it needs: no import circle."""
+    graph, done, path = eval_imports(), set(), []
+
+    def visit(name: str) -> None:
+        assert name not in path, f"import cycle: {' -> '.join([*path[path.index(name) :], name])}"
+        if name not in done:
+            path.append(name)
+            for module in sorted(graph[name]):
+                visit(module)
+            path.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
 
 
 # --- suites ---------------------------------------------------------------------------------------
@@ -65,8 +100,8 @@ def test_gpu_smoke_is_the_gpu_plan_on_tiny_models():
 
 
 def test_a_planned_run_names_its_source():
-    assert suites.PlannedRun("sd15", None, ("unet",), (512,)).source == "sd15 (random weights)"
-    assert suites.PlannedRun(None, "some/model", ("unet",), (512,)).source == "some/model"
+    assert PlannedRun("sd15", None, ("unet",), (512,)).source == "sd15 (random weights)"
+    assert PlannedRun(None, "some/model", ("unet",), (512,)).source == "some/model"
 
 
 def test_pipeline_loop_methods_are_timed_in_whole_generations_only():
@@ -80,10 +115,10 @@ def test_pipeline_loop_methods_are_timed_in_whole_generations_only():
 
 def test_a_run_with_its_own_calls_gets_its_own_settings():
     settings = SpeedSettings(warmup=3, repeats=10)
-    run = suites.PlannedRun("sd15", None, ("unet",), (2048,), repeats=5)
+    run = PlannedRun("sd15", None, ("unet",), (2048,), repeats=5)
     assert (settings.for_run(run).warmup, settings.for_run(run).repeats) == (3, 5)
     assert settings.repeats == 10  # frozen: the suite's settings are left as they were
-    assert settings.for_run(suites.PlannedRun("sd15", None, ("unet",), (512,))) == settings
+    assert settings.for_run(PlannedRun("sd15", None, ("unet",), (512,))) == settings
 
 
 @pytest.mark.parametrize(
@@ -234,21 +269,21 @@ def test_adapted_estimate_compares_the_first_call_with_the_a_priori_pace(capsys)
 
 
 def test_planned_cost_counts_every_call_of_a_run():
-    run = suites.PlannedRun("sd15", None, ("unet",), (512, 1024))
+    run = PlannedRun("sd15", None, ("unet",), (512, 1024))
     settings = SpeedSettings(warmup=1, repeats=2, memory=False)
     units = workloads.COST_MODELS["sd15"].units
     assert estimate.planned_cost(run, settings, {"unet": 3}) == pytest.approx(3 * 3 * (units(512) + units(1024)))
-    compiled = suites.PlannedRun("sd15", None, ("unet",), (512,), compile="full")
+    compiled = PlannedRun("sd15", None, ("unet",), (512,), compile="full")
     with_memory = SpeedSettings(warmup=1, repeats=2, memory=True)  # compiled: one extra memory call
     assert estimate.planned_cost(compiled, with_memory, {"unet": 1}) == 4
 
 
 def test_a_priori_rate_only_where_the_reference_applies(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    run = suites.PlannedRun("sd15", None, ("unet",), (512,))
+    run = PlannedRun("sd15", None, ("unet",), (512,))
     assert estimate.a_priori_rate(run, SpeedSettings()) == pytest.approx(10.2 * 2)  # 2 reference threads on 1
     assert estimate.a_priori_rate(run, SpeedSettings(dtype="float16")) is None
-    assert estimate.a_priori_rate(suites.PlannedRun("tiny", None, ("unet",), (64,)), SpeedSettings()) is None
+    assert estimate.a_priori_rate(PlannedRun("tiny", None, ("unet",), (64,)), SpeedSettings()) is None
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -387,7 +422,7 @@ def _row(method: str, seconds: list[float], load: float | None = None):
 
 def test_rows_say_how_far_each_method_gets_towards_the_ceiling():
     workload = workloads.Workload("unet", 2048, 1, 1, lambda generate, warmup: None)
-    run = suites.PlannedRun("sd15", None, ("unet",), (2048,))
+    run = PlannedRun("sd15", None, ("unet",), (2048,))
     results = dict(_row(name, [s]) for name, s in (("sd", 10.0), ("agent-phase", 4.0), ("ceiling", 2.0)))
     rows = {row.method: row for row in speed_report.rows_for(run, workload, results, "sd")}
     assert {name: row.ceiling_speedup for name, row in rows.items()} == {"sd": 5.0, "agent-phase": 5.0, "ceiling": 5.0}
@@ -400,7 +435,7 @@ def test_noise_warnings_name_a_busy_machine_and_repeats_that_disagree():
     two threads, above it other work competed; repeats spreading over 10% are named with their spread."""
     noise_warnings = speed_report.noise_warnings
     workload = workloads.Workload("unet", 512, 1, 1, lambda generate, warmup: None)
-    run = suites.PlannedRun("sd15", None, ("unet",), (512,))
+    run = PlannedRun("sd15", None, ("unet",), (512,))
 
     def rows(tome_seconds: list[float], load: float | None):
         results = dict([_row("sd", [10.0, 10.2], load), _row("tome-phase", tome_seconds, load)])
@@ -417,7 +452,7 @@ def test_noise_warnings_name_a_busy_machine_and_repeats_that_disagree():
 
 def test_compiled_tables_say_what_compiled_each_row():
     workload = workloads.Workload("unet", 512, 1, 1, lambda generate, warmup: None)
-    run = suites.PlannedRun("sd15", None, ("unet",), (512,), compile="full")
+    run = PlannedRun("sd15", None, ("unet",), (512,), compile="full")
     results = dict([_row("sd", [10.0]), _row("agentsd", [6.0])])
     rows = speed_report.rows_for(run, workload, results, "sd")
     assert [(row.compile, row.compiled_with) for row in rows] == [
