@@ -75,7 +75,7 @@ def sd(tmp_path_factory):
     return pipe, base
 
 
-def test_the_registry_holds_every_method_of_the_issue():
+def test_the_registry_holds_every_compared_method():
     assert list(m.METHODS)[:5] == ["sd", "tomesd", "agentsd", "agent-phase", "tome-phase"]
     for name in (
         "ca-tome",
