@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from dit_blocks import blocks as dit_blocks  # isort: skip
+from dit_blocks import find_transformer, image_attentions  # isort: skip
 from method_options import MethodOptions  # isort: skip
 
 
@@ -136,6 +138,10 @@ class Part:
 
 
 def _tomesd(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    if find_transformer(target) is not None:
+        raise TypeError(
+            f"tomesd patches a UNet's transformer blocks; {type(find_transformer(target)).__name__} is not a UNet"
+        )
     import tomesd
 
     tomesd.apply_patch(target, ratio=ratio, max_downsample=_top(target))
@@ -258,6 +264,16 @@ def _todo_factors(target: Any, options: MethodOptions) -> dict[int, float]:
 
 
 def _todo(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    if find_transformer(target) is not None:
+        if options.todo_max_depth != 1:
+            raise ValueError(
+                "--todo-max-depth 2 also downsamples a UNet's second level; a diffusion transformer has one"
+            )
+        import todo_dit
+
+        return todo_dit.apply_todo_dit(
+            target, options.todo_factor, stop_after=options.todo_stop_after, mode=options.todo_mode
+        )
     import todo
 
     return todo.apply_todo(
@@ -274,7 +290,7 @@ TODO = Part(
             **({"factor_2": options.todo_factor_2} if options.todo_max_depth == 2 else {}),
             "stop_after": options.todo_stop_after,
             "mode": options.todo_mode,
-            "levels": "from the top attention level",
+            "levels": "from the top attention level (a diffusion transformer: every block's image attention)",
         }
     },
     tidy=False,  # its remove is exact (tests/test_todo.py)
@@ -317,19 +333,34 @@ HIDIFFUSION = Part(
 
 
 class SkipAttention:
-    """An attention processor that costs nothing: zeros of its input's shape (``ceiling`` only)."""
+    """An attention processor that costs nothing (``ceiling`` only): zeros of its input's shape; for a joint
+    attention layer (SD3's, Flux's double-stream: projections of their own for the text), zeros of the
+    image and of the text tokens' shapes, the pair such a layer returns."""
 
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is not None and getattr(attn, "added_kv_proj_dim", None) is not None:
+            return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
         return torch.zeros_like(hidden_states)
 
 
 def _ceiling(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
     import agentsd
 
-    unet = _unet(target)
-    # AgentSD's default block selection, the blocks its apply_patch patches.
-    sites = agentsd.select_blocks(unet, max_downsample=agentsd.AgentSDConfig().max_downsample)
-    attns = [site.module.attn1 for site in sites]
+    transformer = find_transformer(target)
+    if transformer is not None:
+        # Every block's image attention, whole (a joint layer's text rows too): dit_blocks.py.
+        attns = [attn for _, block in dit_blocks(transformer) for attn, _ in image_attentions(block)]
+    else:
+        # AgentSD's default block selection, the blocks its apply_patch patches.
+        sites = agentsd.select_blocks(_unet(target), max_downsample=agentsd.AgentSDConfig().max_downsample)
+        attns = [site.module.attn1 for site in sites]
     originals = [attn.processor for attn in attns]
     for attn in attns:
         attn.set_processor(SkipAttention())
@@ -341,4 +372,12 @@ def _ceiling(target: Any, ratio: float | None, seed: int, options: MethodOptions
     return remove
 
 
-CEILING = Part(_ceiling, lambda ratio, options: {"ceiling": {"attn1": "zeros", "blocks": "agentsd default"}})
+CEILING = Part(
+    _ceiling,
+    lambda ratio, options: {
+        "ceiling": {
+            "attn1": "zeros",
+            "blocks": "agentsd default (a diffusion transformer: every block's image attention)",
+        }
+    },
+)
