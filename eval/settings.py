@@ -16,6 +16,7 @@ import torch
 
 from methods import Method, MethodOptions  # isort: skip
 from shared import DTYPES  # isort: skip
+from transformer_configs import FLUX_BLOCKS  # isort: skip
 
 #: ``--methods all``: every registered method that runs in the chosen modes and is installed.
 ALL = "all"
@@ -65,6 +66,7 @@ class SpeedSettings:
         threads: torch CPU threads (``None``: torch's).
         compile_backend: ``torch.compile``'s backend.
         compiler_mode: ``torch.compile``'s mode (``None``: torch's default).
+        flux_blocks: Double- and single-stream blocks of the reduced full-width Flux (``--arch flux``).
         options: The peers' knobs.
         out: Folder for speed.json/csv/png.
         suite: The suite's name, if one was asked for.
@@ -86,6 +88,7 @@ class SpeedSettings:
     threads: int | None = None
     compile_backend: str = "inductor"
     compiler_mode: str | None = None
+    flux_blocks: tuple[int, int] = FLUX_BLOCKS
     options: MethodOptions = field(default_factory=MethodOptions)
     out: Path = Path("runs/speed")
     suite: str | None = None

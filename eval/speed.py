@@ -68,6 +68,7 @@ from settings import ALL, PlannedRun, SpeedSettings  # isort: skip
 from shared import DTYPES, HelpFormatter  # isort: skip
 from speed_report import Row, format_table, noise_warnings, rows_for, run_record, write_outputs  # isort: skip
 from suites import COMPILE_MODES, MODES, SUITES, timed_in  # isort: skip
+from transformer_configs import FLUX_BLOCKS, TRANSFORMER_ARCHS  # isort: skip
 from unet_configs import ARCHS  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE, SEED, WARMUP_STEPS  # isort: skip
 from workloads import Workload, hires_pipeline, hires_steps, load_models, run_workloads  # isort: skip
@@ -105,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--arch",
-        choices=sorted(ARCHS),
-        help="full-size architecture with random weights; sd15 when neither --arch nor --model is given",
+        choices=sorted({**ARCHS, **TRANSFORMER_ARCHS}),
+        help="full-size architecture with random weights; sd15 when neither --arch nor --model is given. "
+        f"UNets: {', '.join(ARCHS)}; diffusion transformers (one forward, eager): {', '.join(TRANSFORMER_ARCHS)}",
     )
     source.add_argument("--model", help="a text-to-image diffusers pipeline instead: hub id or local folder")
     parser.add_argument("--suite", choices=sorted(SUITES), help="a named plan of runs (see below)")
@@ -139,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge ratios of the merging methods",
     )
     parser.add_argument("--steps", type=flag_types.int_at_least(1), default=50, help="denoising steps (pipeline mode)")
+    parser.add_argument(
+        "--flux-blocks",
+        type=flag_types.int_at_least(0),
+        nargs=2,
+        default=list(FLUX_BLOCKS),
+        metavar=("DOUBLE", "SINGLE"),
+        help="double- and single-stream blocks of --arch flux (FLUX.1-dev has 19 and 38, 48 GB in float32)",
+    )
     parser.add_argument(
         "--batch",
         type=flag_types.int_at_least(2),
@@ -271,6 +281,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SpeedSettings:
         parser.error("argument --warmup: --compile needs at least 1, the first call of each method compiles")
     if "regional" in compiled and (why := _regional_unsupported()):
         parser.error(f"argument --compile: {why}")
+    if transformers := sorted({run.arch for run in runs if run.arch in TRANSFORMER_ARCHS}):
+        if {mode for run in runs if run.arch in transformers for mode in run.modes} != {"unet"}:
+            parser.error(f"argument --mode: --arch {' '.join(transformers)} runs one forward only: use --mode unet")
+        if compiled:
+            parser.error(f"argument --compile: --arch {' '.join(transformers)} runs eager only: drop --compile")
+    if sum(args.flux_blocks) < 1:
+        parser.error("argument --flux-blocks: give at least one block (DOUBLE SINGLE, e.g. 1 1)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} exists and is not a folder")
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -287,6 +304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SpeedSettings:
         methods=tuple(methods),
         every_method=args.methods == [ALL],
         ratios=tuple(resolved["ratios"]),
+        flux_blocks=tuple(args.flux_blocks),
         device=device,
         dtype=resolved["dtype"],
         options=options,

@@ -127,7 +127,7 @@ def _group(row: Row) -> tuple[str, str, str]:
 
 #: What each mode times, in table titles.
 MODE_TITLES = {
-    "unet": "one UNet forward",
+    "unet": "one forward",
     "pipeline": "whole generation",
     "hires": "hires pass (image-to-image from an upscaled latent)",
 }

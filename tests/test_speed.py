@@ -145,7 +145,7 @@ def test_estimate_first_then_adapted_and_a_busy_machine_warned_on_a_tiny_model(s
     out, err = capsys.readouterr()
     assert "tiny (random weights): unet, 64 px, compile none, about 0 s a priori" in out
     assert "speed: estimate a priori: about 0 s on a quiet 2-core CPU" in out
-    assert out.index("estimate a priori") < out.index("one UNet forward, eager")  # first, then the table
+    assert out.index("estimate a priori") < out.index("one forward, eager")  # first, then the table
     assert "WARNING: load average 5.0 on 2 CPUs before the first run" in err
     assert "adapted estimate: about" in err and "the a-priori time per forward (a slower or busier machine" in err
     assert "WARNING: load average up to 5.0 on 2 CPUs while timing every table" in out
