@@ -167,7 +167,13 @@ def unet_workload(
 
 
 def transformer_workload(
-    model: torch.nn.Module, arch: TransformerArch, resolution: int, cost_model: CostModel, *, batch: int, timestep: int
+    model: torch.nn.Module,
+    arch: TransformerArch,
+    resolution: int,
+    cost_model: CostModel = DEFAULT_COST,
+    *,
+    batch: int,
+    timestep: int,
 ) -> Workload:
     """One forward of a diffusion transformer at training ``timestep`` on the seeded inputs its pipeline
     gives ``batch / 2`` images (:meth:`TransformerArch.inputs`: a guided pair each, or one row for Flux)."""
