@@ -22,9 +22,11 @@ import shared  # noqa: E402
 import speed_report  # noqa: E402
 import suites  # noqa: E402
 import timing  # noqa: E402
+import transformer_configs  # noqa: E402
 import workloads  # noqa: E402
 from methods import METHODS, Method, Variant  # noqa: E402
 from settings import PlannedRun, SpeedSettings  # noqa: E402
+from transformer_configs import TRANSFORMER_ARCHS  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -242,6 +244,62 @@ def test_sdxl_conditioning_has_pooled_text_and_size_ids():
     unet = ARCHS["tiny-xl"].build_unet()
     cond = workloads.unet_conditioning(unet, 2, 64, torch.Generator().manual_seed(0))
     assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+
+
+def test_transformer_configs_build_the_published_architectures():
+    """Parameters of the full-size configs (on the meta device: no memory, no init): SD3.5 Medium 2.24 B,
+    PixArt-Sigma 0.61 B, FLUX.1-dev 11.9 B with its 19 + 38 blocks; the reduced Flux keeps its width."""
+    counts = {}
+    for name, blocks in (("sd35-medium", None), ("pixart-sigma", None), ("flux", (19, 38)), ("flux", (1, 1))):
+        model = TRANSFORMER_ARCHS[name].build("meta", flux_blocks=blocks or (1, 1))
+        counts[name, blocks] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+        if name == "flux":
+            assert model.inner_dim == 3072 and len(model.transformer_blocks) == (blocks or (1, 1))[0]
+    assert counts == {
+        ("sd35-medium", None): 2.24,
+        ("pixart-sigma", None): 0.61,
+        ("flux", (19, 38)): 11.9,
+        ("flux", (1, 1)): 0.55,
+    }
+
+
+def test_transformer_inputs_are_what_each_pipeline_gives_one_forward():
+    """At 1024 px, one image: SD3 and PixArt a guided pair of 128 x 128 latents with 77 + 256 / 300 text tokens
+    (PixArt's with their mask), the timestep on the 1000 scale; Flux one row of 64 x 64 packed tokens with
+    their (0, row, column) ids, 512 text tokens at zero ids, the timestep over 1000 and the guidance scale."""
+    shapes = {}
+    for name in ("tiny-sd3", "tiny-pixart", "tiny-flux"):
+        arch = TRANSFORMER_ARCHS[name]
+        workload = workloads.transformer_workload(arch.build(), arch, 1024, batch=2, timestep=981)
+        inputs = workload.call(lambda **inputs: inputs, False)
+        shapes[name] = {key: tuple(value.shape) for key, value in inputs.items() if torch.is_tensor(value)}
+        assert (workload.images, workload.unit) == (1, ("s/forward", 1))
+    assert shapes["tiny-sd3"] == {
+        "hidden_states": (2, 16, 128, 128),
+        "encoder_hidden_states": (2, 333, 4096),
+        "pooled_projections": (2, 2048),
+        "timestep": (2,),
+    }
+    assert shapes["tiny-pixart"] == {
+        "hidden_states": (2, 4, 128, 128),
+        "encoder_hidden_states": (2, 300, 4096),
+        "encoder_attention_mask": (2, 300),
+        "timestep": (2,),
+    }
+    assert shapes["tiny-flux"] == {
+        "hidden_states": (1, 4096, 64),
+        "encoder_hidden_states": (1, 512, 4096),
+        "pooled_projections": (1, 768),
+        "timestep": (1,),
+        "img_ids": (4096, 3),
+        "txt_ids": (512, 3),
+        "guidance": (1,),
+    }
+    flux = TRANSFORMER_ARCHS["tiny-flux"]
+    inputs = flux.inputs(flux.build(), 1, 1024, 981, torch.Generator())
+    assert inputs["img_ids"][[0, 1, 64, -1]].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 63, 63]]
+    assert not inputs["txt_ids"].any() and inputs["timestep"].tolist() == pytest.approx([0.981])
+    assert inputs["guidance"].tolist() == [transformer_configs.FLUX_GUIDANCE]
 
 
 # --- estimates ------------------------------------------------------------------------------------
