@@ -49,6 +49,16 @@ def _plain(instance: object, *names: str) -> None:
             object.__setattr__(instance, name, float(value))
 
 
+def _block_names(blocks: object) -> tuple[str, ...]:
+    names = (blocks,) if isinstance(blocks, str) else blocks
+    if not isinstance(names, Sequence) or not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(
+            f"blocks must be None, a block name or a non-empty sequence of block names "
+            f"(see agentsd.select_blocks), got {blocks!r}"
+        )
+    return tuple(names)
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -132,7 +142,11 @@ class AgentSDConfig:
         sy: Only with ``schedule="fixed"`` (default 2).
         max_downsample: Patch transformer blocks whose feature map is at most this many times
             coarser than the latent. ``None`` picks the model's highest-resolution attention level
-            (1 on SD 1.x/2.x, 2 on SDXL, which has no attention at full latent resolution).
+            (1 on SD 1.x/2.x, 2 on SDXL, which has no attention at full latent resolution; every
+            block of a diffusion transformer, whose blocks all see the whole patch grid).
+        blocks: Patch only the blocks of these names, or name prefixes (``"transformer_blocks.3"``,
+            ``"single_transformer_blocks"``), among those ``max_downsample`` selects; a string is
+            one name. ``None`` patches them all. :func:`agentsd.select_blocks` lists the names.
         k_scale2: Exponent of the agent-to-query softmax scale: ``(head_dim ** -0.5) ** k_scale2``.
         k_shortcut: Weight of the value shortcut added to the agent-attention output.
         attn_precision: ``None`` computes attention in the model's dtype; ``"fp32"`` computes the
@@ -156,6 +170,7 @@ class AgentSDConfig:
     sx: int | None = None
     sy: int | None = None
     max_downsample: int | None = None
+    blocks: str | Sequence[str] | None = None
     k_scale2: float = 0.3
     k_shortcut: float = 0.075
     attn_precision: Literal["fp32"] | None = None
@@ -171,6 +186,8 @@ class AgentSDConfig:
         _check_fraction("ratio", self.ratio)
         if self.max_downsample is not None:
             _check_stride("max_downsample", self.max_downsample)
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", _block_names(self.blocks))
         for name in ("k_scale2", "k_shortcut"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real):

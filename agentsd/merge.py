@@ -70,6 +70,18 @@ class TokenMerge:
         """M, the length of the merged sequence."""
         return self.keep_rows.shape[0] // self.dst_count.shape[0]
 
+    def positions(self) -> torch.Tensor:
+        """[B, M]: the grid position of the token that stands for each merged token (a kept source its
+        own, a destination its own: the merged mean takes the destination's place, as in ToMe).
+
+        A model with position-dependent attention (Flux's rotary embedding) reads the merged tokens'
+        positions here.
+        """
+        batch = self.dst_count.shape[0]
+        rows = self.keep_rows.view(batch, -1)
+        first_row = torch.arange(batch, device=rows.device).unsqueeze(1) * self.num_tokens
+        return rows - first_row
+
     def unmerge_rows(self) -> torch.Tensor:
         """[B * N]: for every input row, the merged-sequence row it went into (kept tokens their own
         slot, merged-away sources their destination's)."""

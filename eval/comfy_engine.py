@@ -282,6 +282,28 @@ def load_node_folder(path: Path) -> None:
         raise RuntimeError(f"ComfyUI could not load the custom nodes in {path}")
 
 
+def load_builtin_extra(file_name: str) -> None:
+    """Load one file of ComfyUI's ``comfy_extras`` (``"nodes_tomesd.py"``) as a server does at start.
+
+    ``nodes.init_builtin_extra_nodes`` loads each of them by path, with the arguments used here: the
+    module is named after the file's path, not ``comfy_extras.<name>``, and its nodes go into
+    ``nodes.NODE_CLASS_MAPPINGS``.
+    """
+    import nodes
+
+    path = Path(nodes.__file__).resolve().parent / "comfy_extras" / file_name
+    if not asyncio.run(nodes.load_custom_node(str(path), module_parent="comfy_extras")):
+        raise RuntimeError(f"ComfyUI could not load {path}")
+
+
+class PromptError(RuntimeError):
+    """A prompt that failed in ComfyUI's prompt executor; ``errors`` holds its ``execution_error`` events."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"ComfyUI failed to run the prompt: {errors}")
+        self.errors = errors
+
+
 def validate(prompt: dict[str, Any]) -> tuple[bool, dict, list, dict]:
     """ComfyUI's own validation of an API-format prompt: (valid, error, outputs, node errors)."""
     import execution
@@ -297,7 +319,7 @@ def run_prompt(prompt: dict[str, Any]) -> Any:
 
     Raises:
         ValueError: The prompt does not validate, with ComfyUI's errors.
-        RuntimeError: Execution failed, with ComfyUI's error message.
+        PromptError: Execution failed, with ComfyUI's error events.
     """
     import execution
 
@@ -309,5 +331,5 @@ def run_prompt(prompt: dict[str, Any]) -> Any:
     executor.execute(prompt, "run", extra_data={}, execute_outputs=outputs)
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
-        raise RuntimeError(f"ComfyUI failed to run the prompt: {errors}")
+        raise PromptError(errors)
     return executor

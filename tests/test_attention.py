@@ -53,7 +53,7 @@ def _stage(**phase):
 
     def run(x, plan, *args, **kwargs):
         block.plan = plan
-        return stage_forward(attn, block, "attn1")(x, *args, **kwargs)
+        return stage_forward(attn, block, "attn1", "self")(x, *args, **kwargs)
 
     return attn, run, lambda metric: make_plan(config.phases[0], block.layout, metric)
 

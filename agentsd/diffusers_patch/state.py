@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import astuple, dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,7 +25,9 @@ from ..config import AgentSDConfig, Phase
 from ..layout import GridLayout, draw_keys
 from ..merge import MergePlan, make_layout, make_plan, merges_any
 from ..schedule import phase_index
-from .layers import StageCall, StageName
+from .backbones import BACKBONES, Backbone, IdsGrid
+from .joint_layers import JointCall
+from .layers import StageCall
 from .timesteps import HostTimesteps, NoiseRule
 
 logger = logging.getLogger("agentsd")
@@ -32,13 +35,15 @@ logger = logging.getLogger("agentsd")
 
 @dataclass
 class UNetState:
-    """What every patched block of one UNet needs to know about the current call.
+    """What every patched block of one model (a UNet or a diffusion transformer) needs to know about the current call.
 
     Attributes:
         config: The settings in force.
         rule: How the call's timestep becomes its noise level.
+        backbone: How the model is called.
         blocks: The patched blocks, in the order they run.
-        latent_size: (H, W) of this call's ``sample``.
+        latent_size: (H, W) of this call's finest token grid (a UNet's or patchified transformer's
+            latent; Flux's token grid).
         timestep: This call's timestep, a 0-d float32 tensor on the model's device.
         phase: The phase of this call when it is known on the host (eager calls, ``compile_unet``),
             else ``None`` (traced calls: the blocks choose on the device).
@@ -46,10 +51,12 @@ class UNetState:
         keys: This call's random keys, one per patched block, or ``None`` for fixed destinations
             (``config.use_rand`` off, or an odd batch).
         host_timesteps: Where eager calls read the timestep's value without a device sync.
+        ids_grid: Where Flux's token grid is read from its ``img_ids``.
     """
 
     config: AgentSDConfig
     rule: NoiseRule
+    backbone: Backbone = BACKBONES["UNet"]
     blocks: list[BlockState] = field(default_factory=list)
     latent_size: tuple[int, int] = (0, 0)
     timestep: torch.Tensor | None = None
@@ -57,15 +64,18 @@ class UNetState:
     whole_graph: bool = False
     keys: torch.Tensor | None = None
     host_timesteps: HostTimesteps = field(default_factory=HostTimesteps)
+    ids_grid: IdsGrid = field(default_factory=IdsGrid)
 
     @property
     def num_train_timesteps(self) -> int:
         return self.rule.num_train_timesteps
 
-    def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
+    def start_call(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, latent_size: tuple[int, int] | None = None
+    ) -> None:
         """Note this call's latent size and timestep; pick the phase on the host unless traced."""
         self.choose_phase(timestep)
-        self.start_on_device(sample, timestep)
+        self.start_on_device(sample, timestep, latent_size)
 
     def choose_phase(self, timestep: torch.Tensor | float) -> None:
         """The phase of this call, from a host copy of the schedule (no read per call); ``None`` when
@@ -82,15 +92,18 @@ class UNetState:
                 "agentsd: timestep %g, noise level %.3f: phase %d, %s", value, level, index, self.phase.describe()
             )
 
-    def start_on_device(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        """This call's timestep tensor, latent size and random keys; the blocks' layouts if the phase is known."""
+    def start_on_device(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, latent_size: tuple[int, int] | None = None
+    ) -> None:
+        """This call's timestep tensor, latent size (``sample``'s last two sides unless given) and random
+        keys; the blocks' layouts if the phase is known."""
         self.whole_graph = torch.compiler.is_compiling()
         first = (timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))).flatten()[0]
         self.timestep = first.to(device=sample.device, dtype=torch.float32)
-        self.latent_size = (sample.shape[-2], sample.shape[-1])
-        # Odd batches cannot hold whole (prompted, unprompted) pairs: random destinations would give
-        # the two halves of a pair different plans, so use the fixed top-left ones.
-        use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
+        self.latent_size = latent_size or (sample.shape[-2], sample.shape[-1])
+        # Odd batches of a guided model cannot hold whole (prompted, unprompted) pairs: random
+        # destinations would give the two halves of a pair different plans, so use the fixed top-left ones.
+        use_rand = self.config.use_rand and (sample.shape[0] % 2 == 0 or not self.backbone.guidance_batch)
         self.keys = draw_keys(self.config.seed, self.timestep, len(self.blocks)) if use_rand else None
         if self.phase is not None and not self.whole_graph:
             self.draw_layouts(self.phase)
@@ -164,7 +177,7 @@ class BlockState:
         index: Position among the patched blocks (part of the random key of its destinations).
         downsample: Its resolution level (1 = the latent's).
         name: Its path in the UNet.
-        last_stage: The last of its stages that merges; that stage drops the plan.
+        last_stage: The last of its stages that merges (by attribute name); that stage drops the plan.
         metric: This call's block input, the similarity metric (until the block returns).
         layout: The grid layout of the last eager call.
         plan: This call's merge plan, when the phase is known on the host.
@@ -178,7 +191,7 @@ class BlockState:
     index: int
     downsample: int
     name: str = ""
-    last_stage: StageName = "attn1"
+    last_stage: str = "attn1"
     cross_only: bool = False
     metric: torch.Tensor | None = None
     layout: GridLayout | None = None
@@ -212,7 +225,7 @@ class BlockState:
         """Forget this call's plan and metric: their tensors stay out of later memory peaks."""
         self.plan = self.metric = None
 
-    def run(self, call: StageCall, x: torch.Tensor) -> torch.Tensor:
+    def run(self, call: StageCall | JointCall, x: torch.Tensor) -> Any:
         """``call``'s output for tokens ``x``, on this call's merged tokens.
 
         Eager (and regionally compiled), the plan was made when the block started; the block's last
@@ -234,9 +247,9 @@ class BlockState:
         traced_stage = block_runner.traced_stage(len(phases), x.is_cuda)
         return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
 
-    def record(self, call: StageCall, plan: MergePlan | None, x: torch.Tensor) -> None:
+    def record(self, call: StageCall | JointCall, plan: MergePlan | None, x: torch.Tensor) -> None:
         """Note what ``call`` runs (for :func:`agentsd.patch_summary`)."""
-        merged = plan is not None and x.shape[1] == plan.num_tokens
+        merged = call.fits(plan, x)
         runs = call.module if call.stage == "ff" or call.previous is not None else call.module.processor
         self.runs[call.stage] = StageRun(
             phase=self.config.phases.index(self.unet.phase),

@@ -130,7 +130,7 @@ def scheduler_steps(owner: Any, rule: NoiseRule, config: AgentSDConfig) -> tuple
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) == 0:
         return type(scheduler).__name__, ()
-    phases = [phase_index(config.phases, rule.level(float(t))) for t in timesteps.tolist()]
+    phases = [phase_index(config.phases, rule.scheduler_level(float(t))) for t in timesteps.tolist()]
     return type(scheduler).__name__, tuple(step_ranges(phases))
 
 

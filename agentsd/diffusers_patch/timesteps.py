@@ -3,7 +3,9 @@
 The schedule's rule is in noise level (:mod:`agentsd.schedule`): ``t / num_train_timesteps`` for the
 timestep ``t`` a pipeline passes its UNet. Almost every scheduler an SD or SDXL pipeline accepts
 passes training timesteps (DDIM, PNDM, LMS, Euler, Heun, DPM-Solver, UniPC, DEIS, LCM, TCD, DDPM,
-KDPM2; fractional ones under Karras sigmas). The EDM schedulers pass ``c_noise = log(sigma) / 4``
+KDPM2; fractional ones under Karras sigmas); the flow-matching schedulers of SD3, Flux and PixArt
+pass ``sigma * num_train_timesteps``, so their noise level is sigma (Flux's pipelines divide it by
+1000 before the transformer: :attr:`NoiseRule.timestep_scale`). The EDM schedulers pass ``c_noise = log(sigma) / 4``
 instead: their sigma is mapped to the training timestep of Stable Diffusion's own noise schedule
 with that sigma (:func:`edm_noise_level`), so the agent phase covers the same noise levels whatever
 the scheduler. For any other scheduler the unit is unknown: a warning names it, once.
@@ -38,6 +40,9 @@ TIMESTEP_SCHEDULERS = frozenset(
         "DPMSolverSinglestepScheduler",
         "EulerAncestralDiscreteScheduler",
         "EulerDiscreteScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+        "FlowMatchLCMScheduler",
         "HeunDiscreteScheduler",
         "KDPM2AncestralDiscreteScheduler",
         "KDPM2DiscreteScheduler",
@@ -58,12 +63,15 @@ class NoiseRule:
     Attributes:
         num_train_timesteps: The horizon of ``t / num_train_timesteps``.
         owner: A weak reference to the pipeline patched, whose ``scheduler`` is read at every call (so a scheduler
-            swapped in later is followed), or ``None`` for a bare UNet: training timesteps.
+            swapped in later is followed), or ``None`` for a bare model: training timesteps.
+        timestep_scale: What the model's timestep is multiplied by to give the scheduler's (1000 for
+            Flux, whose pipelines pass ``t / 1000``; else 1).
         warned: Scheduler classes already warned about.
     """
 
     num_train_timesteps: int
     owner: Any = None
+    timestep_scale: float = 1.0
     warned: set[str] = field(default_factory=set)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -92,13 +100,17 @@ class NoiseRule:
         """The noise level of a timestep value read on the host."""
         if self.unit() == "edm":
             return float(edm_noise_level(torch.tensor(value)))
-        return value / self.num_train_timesteps
+        return value * self.timestep_scale / self.num_train_timesteps
+
+    def scheduler_level(self, value: float) -> float:
+        """The noise level of one of the scheduler's own timesteps (``scheduler.timesteps``)."""
+        return self.level(value / self.timestep_scale)
 
     def level_on_device(self, timestep: torch.Tensor) -> torch.Tensor:
         """The noise level of a 0-d float32 timestep tensor, computed on its device (traced calls)."""
         if self.unit() == "edm":
             return edm_noise_level(timestep)
-        return timestep / self.num_train_timesteps
+        return timestep * self.timestep_scale / self.num_train_timesteps
 
 
 #: Storages of more elements than this are not copied to the host whole (a timestep read from a large
