@@ -57,7 +57,6 @@ import measure  # noqa: E402
 import methods as registry  # noqa: E402
 import timing  # noqa: E402
 import workloads  # noqa: E402
-from dit_blocks import blocks as dit_blocks  # noqa: E402
 from transformer_configs import TRANSFORMER_ARCHS  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
@@ -198,14 +197,13 @@ def main() -> None:
     transformer = TRANSFORMER_ARCHS.get(args.arch)
     if transformer is None:
         unet = ARCHS[args.arch].build_unet(device=device, dtype=dtype).eval()
-        args.block = args.block or agentsd.select_blocks(unet)[0].name  # the first of AgentSD's default blocks
         # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
         workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
     else:
         unet = transformer.build(device, dtype)
-        args.block = args.block or dit_blocks(unet)[0][0]
         # eval/speed.py's forward of this model: its pipeline's inputs for one image, t = 981.
         workload = workloads.transformer_workload(unet, transformer, args.resolution, batch=2, timestep=981)
+    args.block = args.block or agentsd.select_blocks(unet)[0].name  # the first of AgentSD's default blocks
     names = [name for name, _ in unet.named_modules()]
     if args.block not in names:
         blocks = [name for name in names if name.endswith(tuple(f"blocks.{i}" for i in range(10)))]

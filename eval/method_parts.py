@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-from dit_blocks import blocks as dit_blocks  # isort: skip
-from dit_blocks import find_transformer, image_attentions  # isort: skip
 from method_options import MethodOptions  # isort: skip
 
 
@@ -54,6 +52,14 @@ def _top(target: Any) -> int:
     import agentsd
 
     return agentsd.top_attention_downsample(target)
+
+
+def _transformer(target: Any) -> torch.nn.Module | None:
+    """The diffusion transformer (SD3, Flux, PixArt) of ``target``, as AgentSD finds it; ``None`` for a UNet."""
+    from agentsd.diffusers_patch.backbones import backbone_of, find_backbone
+
+    model = find_backbone(target)
+    return None if backbone_of(model).family == "UNet" else model
 
 
 def _require_pipeline(target: Any, method: str, *classes: str) -> None:
@@ -138,10 +144,8 @@ class Part:
 
 
 def _tomesd(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    if find_transformer(target) is not None:
-        raise TypeError(
-            f"tomesd patches a UNet's transformer blocks; {type(find_transformer(target)).__name__} is not a UNet"
-        )
+    if (transformer := _transformer(target)) is not None:
+        raise TypeError(f"tomesd patches a UNet's transformer blocks; {type(transformer).__name__} is not a UNet")
     import tomesd
 
     tomesd.apply_patch(target, ratio=ratio, max_downsample=_top(target))
@@ -264,7 +268,7 @@ def _todo_factors(target: Any, options: MethodOptions) -> dict[int, float]:
 
 
 def _todo(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
-    if find_transformer(target) is not None:
+    if _transformer(target) is not None:
         if options.todo_max_depth != 1:
             raise ValueError(
                 "--todo-max-depth 2 also downsamples a UNet's second level; a diffusion transformer has one"
@@ -351,16 +355,14 @@ class SkipAttention:
 
 
 def _ceiling(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    from todo import image_attentions
+
     import agentsd
 
-    transformer = find_transformer(target)
-    if transformer is not None:
-        # Every block's image attention, whole (a joint layer's text rows too): dit_blocks.py.
-        attns = [attn for _, block in dit_blocks(transformer) for attn, _ in image_attentions(block)]
-    else:
-        # AgentSD's default block selection, the blocks its apply_patch patches.
-        sites = agentsd.select_blocks(_unet(target), max_downsample=agentsd.AgentSDConfig().max_downsample)
-        attns = [site.module.attn1 for site in sites]
+    # AgentSD's default block selection, the blocks its apply_patch patches (every block of a diffusion
+    # transformer); in each, the attention over the image tokens, whole (a joint layer's text rows too).
+    sites = agentsd.select_blocks(target, max_downsample=agentsd.AgentSDConfig().max_downsample)
+    attns = [attn for site in sites for attn, _ in image_attentions(site.module)]
     originals = [attn.processor for attn in attns]
     for attn in attns:
         attn.set_processor(SkipAttention())

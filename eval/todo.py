@@ -36,6 +36,7 @@ from diffusers.models.attention_processor import Attention
 # AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
 from agentsd import select_blocks
 from agentsd.diffusers_patch.api import DEFAULT_NUM_TRAIN_TIMESTEPS
+from agentsd.diffusers_patch.blocks import stage_kinds
 from agentsd.diffusers_patch.forwards import call_argument as _call_argument
 
 # The layer's own projections and output, as AgentSD's agent attention uses them.
@@ -53,7 +54,8 @@ class ToDoState:
             stop_after) * num_train_timesteps`` (the noise level, as the authors' reference
             implementation does, rather than a call count: a call at a given noise level is
             downsampled or not whatever ran before it).
-        num_train_timesteps: The scheduler's ``num_train_timesteps``.
+        num_train_timesteps: The scheduler's ``num_train_timesteps``, in the model's unit (Flux, whose
+            pipelines pass ``t / 1000``: 1).
         mode: The ``F.interpolate`` mode.
         size: The (H, W) grid at downsample 1 in the current call: a UNet's latent, a transformer's
             image tokens.
@@ -61,7 +63,7 @@ class ToDoState:
     """
 
     stop_after: float = 1.0
-    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS
+    num_train_timesteps: float = DEFAULT_NUM_TRAIN_TIMESTEPS
     mode: str = "nearest-exact"
     size: tuple[int, int] | None = None
     active: bool = True
@@ -185,6 +187,14 @@ def apply_todo(
         ToDoAttnProcessor(state, downsample, factors[downsample], attn.processor) for attn, downsample in attns
     ]
     return put_todo(unet, ToDoHook(state), [attn for attn, _ in attns], processors)
+
+
+def image_attentions(block: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """The attention layers of one of AgentSD's blocks that attend over its image tokens, each with whether
+    it is joint (text tokens in the same attention: SD3's ``attn``, both Flux blocks') or plain
+    self-attention (a UNet's or PixArt's ``attn1``, SD3.5's ``attn2``): AgentSD's own stage kinds."""
+    kinds = stage_kinds(block)
+    return [(getattr(block, name), kind == "joint") for name, kind in kinds.items() if kind in ("self", "joint")]
 
 
 def refuse_twice(model: torch.nn.Module) -> None:

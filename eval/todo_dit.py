@@ -1,26 +1,30 @@
 """ToDo, token downsampling (``todo.py``), on the diffusion transformers: SD3 / SD3.5, Flux, PixArt-alpha / Sigma.
 
-The same rule as on a UNet, on every block's image attention (``dit_blocks.py``): every query is kept,
-and the image tokens' keys and values are computed from the image tokens downsampled on their grid
-(``F.interpolate`` by ``factor``, ``--todo-mode``). Where the attention is joint, the text tokens keep
-their own keys and values, exact (``agentsd-dit.md``: text tokens are never merged):
+The same rule as on a UNet, on the image attention of AgentSD's blocks (``agentsd.select_blocks``:
+every block of these models; their attention layers by AgentSD's stage kinds,
+``todo.image_attentions``): every query is kept, and the image tokens' keys and values are computed
+from the image tokens downsampled on their grid (``F.interpolate`` by ``factor``, ``--todo-mode``).
+Where the attention is joint, the text tokens keep their own keys and values, exact (``agentsd-
+dit.md``: text tokens are never merged):
 
 * plain self-attention (PixArt's ``attn1``, SD3.5's image-only ``attn2``): ``todo.ToDoAttnProcessor``,
-  as on a UNet, on the patch grid;
+  as on a UNet, on the patch grid (the latent's at the patch size, Flux's from its image ids);
 * joint attention (:class:`ToDoJointProcessor`): SD3's ``attn`` (image, then text tokens, each stream
   with its own projections and norms), Flux's double-stream ``attn`` (text first, rotary embedding)
   and single-stream ``attn`` (one sequence, text first, through the same projections; no output
   projection, the block does it). Downsampled keys take the rotary embedding downsampled the same way:
   with the nearest modes those of the tokens kept, exactly; with averaging modes, the cell's mean.
 
-A hook on the model (``todo.ToDoHook``) reads each call's image grid and timestep
-(:func:`dit_blocks.read_call`); the processors hand every call they do not downsample (a mask, a grid
-too small, a token count that is not the grid's, past the step fraction) to the processor they
-replaced. The remove is exact (``todo.put_todo``).
+A hook on the model (``todo.ToDoHook``) reads each call's grid and timestep as AgentSD reads them
+(``agentsd``'s :class:`Backbone`: Flux's timestep is ``t / 1000``, its grid read from ``img_ids``);
+the processors hand every call they do not downsample (a mask, a grid too small, a token count that
+is not the grid's, past the step fraction) to the processor they replaced. The remove is exact
+(``todo.put_todo``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from dit_blocks import blocks, find_transformer, image_attentions, joint_text_first, read_call, timestep_scale  # isort: skip
-from todo import ToDoAttnProcessor, ToDoHook, ToDoState, put_todo, refuse_twice  # isort: skip
+from agentsd import select_blocks
+from agentsd.diffusers_patch.api import DEFAULT_NUM_TRAIN_TIMESTEPS
+from agentsd.diffusers_patch.backbones import IdsGrid, backbone_of, find_backbone
+
+from todo import ToDoAttnProcessor, ToDoHook, ToDoState, image_attentions, put_todo, refuse_twice  # isort: skip
 
 
 def _heads(attn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +65,10 @@ class ToDoJointProcessor(ToDoAttnProcessor):
     text first, whose last ``h * w`` tokens are the image (``text_first``: Flux's order).
     """
 
-    def __init__(self, state: ToDoState, factor: float, text_first: bool, inner: Callable[..., Any]) -> None:
-        super().__init__(state, downsample=1, factor=factor, inner=inner)
+    def __init__(
+        self, state: ToDoState, downsample: int, factor: float, text_first: bool, inner: Callable[..., Any]
+    ) -> None:
+        super().__init__(state, downsample=downsample, factor=factor, inner=inner)
         self.text_first = text_first
 
     def __call__(
@@ -120,7 +129,7 @@ class ToDoJointProcessor(ToDoAttnProcessor):
         """(image, text) tokens of a single-stream call, or (None, None) before the grid is known."""
         if self.state.size is None:
             return None, None
-        tokens = self.state.size[0] * self.state.size[1]
+        tokens = math.prod(math.ceil(side / self.downsample) for side in self.state.size)
         if not 0 < tokens <= sequence.shape[1]:
             return None, None
         texts = sequence.shape[1] - tokens
@@ -132,29 +141,39 @@ class ToDoJointProcessor(ToDoAttnProcessor):
 def apply_todo_dit(
     target: Any, factor: float, *, stop_after: float = 1.0, mode: str = "nearest-exact"
 ) -> Callable[[], None]:
-    """Put ToDo on the image attention of every block of a diffusion transformer; returns its exact remove.
+    """Put ToDo on the image attention of AgentSD's blocks of a diffusion transformer; returns its exact remove.
 
     Args:
         target: An ``SD3Transformer2DModel``, ``FluxTransformer2DModel`` or ``PixArtTransformer2DModel``,
             or a pipeline with one as ``.transformer``.
         factor: The downsample factor on each side of the image token grid.
-        stop_after, mode: See ``todo.ToDoState`` (Flux's timesteps count to 1, the others' to 1000).
+        stop_after, mode: See ``todo.ToDoState`` (the noise level as AgentSD reads it: Flux's timestep
+            is ``t / 1000``).
 
     Raises:
         TypeError: not one of those models.
         ValueError: the model already carries ToDo.
     """
-    model = find_transformer(target)
-    if model is None:
-        raise TypeError(f"ToDo on a diffusion transformer needs SD3, Flux or PixArt, got {type(target).__name__}")
+    model = find_backbone(target)
+    backbone = backbone_of(model)
+    if backbone.family == "UNet":
+        raise TypeError(f"ToDo on a diffusion transformer needs SD3, Flux or PixArt, got {type(model).__name__}")
     refuse_twice(model)
-    state = ToDoState(stop_after=stop_after, num_train_timesteps=timestep_scale(model), mode=mode)
-    text_first = joint_text_first(model)
-    layers = [(attn, joint) for _, block in blocks(model) for attn, joint in image_attentions(block)]
-    processors = [
-        ToDoJointProcessor(state, factor, text_first, attn.processor)
-        if joint
-        else ToDoAttnProcessor(state, 1, factor, attn.processor)
-        for attn, joint in layers
-    ]
-    return put_todo(model, ToDoHook(state, read_call), [attn for attn, _ in layers], processors)
+    scale = DEFAULT_NUM_TRAIN_TIMESTEPS / backbone.timestep_scale
+    state = ToDoState(stop_after=stop_after, num_train_timesteps=scale, mode=mode)
+    layers, processors = [], []
+    for site in select_blocks(model):
+        for attn, joint in image_attentions(site.module):
+            layers.append(attn)
+            inner = attn.processor
+            processors.append(
+                ToDoJointProcessor(state, site.downsample, factor, backbone.text_first, inner)
+                if joint
+                else ToDoAttnProcessor(state, site.downsample, factor, inner)
+            )
+    ids = IdsGrid()
+
+    def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[int, int], Any]:
+        return backbone.latent_size(args, kwargs, ids), backbone.timestep(args, kwargs)
+
+    return put_todo(model, ToDoHook(state, read), layers, processors)

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-import dit_blocks  # noqa: E402
 import method_options  # noqa: E402
 import method_parts  # noqa: E402
 import methods as m  # noqa: E402
+import todo  # noqa: E402
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet  # noqa: E402
 
@@ -197,9 +197,12 @@ def test_the_ceiling_on_a_diffusion_transformer_skips_every_image_attention_whol
     pair of a joint layer, SD3's last context-pre-only block's included, Flux's single-stream sequence."""
     from transformer_configs import TRANSFORMER_ARCHS
 
+    import agentsd
+
     model = TRANSFORMER_ARCHS[arch].build()
     inputs = TRANSFORMER_ARCHS[arch].inputs(model, 1, 64, 981, torch.Generator().manual_seed(0))
-    layers = [attn for _, block in dit_blocks.blocks(model) for attn, _ in dit_blocks.image_attentions(block)]
+    layers = [attn for site in agentsd.select_blocks(model) for attn, _ in todo.image_attentions(site.module)]
+    assert len(layers) == {"tiny-sd3": 3, "tiny-flux": 2, "tiny-pixart": 2}[arch]  # SD3: block 0's attn and attn2
     before = [attn.processor for attn in layers]
     with torch.inference_mode():
         base = model(**inputs).sample

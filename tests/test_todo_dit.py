@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-import dit_blocks  # noqa: E402
 import methods as m  # noqa: E402
 import todo  # noqa: E402
 import todo_dit  # noqa: E402
+from tiny import tiny_unet  # noqa: E402
 from transformer_configs import TRANSFORMER_ARCHS  # noqa: E402
+
+import agentsd  # noqa: E402
 
 GRID = (6, 10)  # not square: rows and columns must not be swapped
 TEXTS = 5
@@ -66,14 +68,14 @@ def test_joint_attention_is_the_layers_own_with_the_dropped_image_keys_masked(na
     width = attn.to_q.in_features
     generator = torch.Generator().manual_seed(1)
     image, text = torch.randn(2, GRID[0] * GRID[1], width, generator=generator), torch.randn(2, TEXTS, width)
-    text_first = dit_blocks.joint_text_first(model)
+    text_first = name == "tiny-flux"
     single = path.startswith("single")
     call = {"hidden_states": torch.cat([text, image], 1), "encoder_hidden_states": None} if single else {}
     call = call or {"hidden_states": image, "encoder_hidden_states": text}
     if text_first:
         call["image_rotary_emb"] = flux_rope(model)
-    state = todo.ToDoState(size=GRID, mode="nearest")
-    processor = todo_dit.ToDoJointProcessor(state, 2.0, text_first, attn.processor)
+    state = todo.ToDoState(size=GRID, mode="nearest")  # the token grid itself: downsample 1
+    processor = todo_dit.ToDoJointProcessor(state, 1, 2.0, text_first, attn.processor)
     with torch.no_grad():
         ours = processor(attn, **call)
         # The layer's own processor with the dropped keys masked: SDPA is where both processors attend.
@@ -92,9 +94,7 @@ def test_joint_attention_is_the_layers_own_with_the_dropped_image_keys_masked(na
 def test_the_registry_patches_every_image_attention_and_removes_exactly(name):
     model = tiny(name)
     call = inputs(name, model)
-    layers = [
-        (attn, joint) for _, block in dit_blocks.blocks(model) for attn, joint in dit_blocks.image_attentions(block)
-    ]
+    layers = [layer for site in agentsd.select_blocks(model) for layer in todo.image_attentions(site.module)]
     originals = [attn.processor for attn, _ in layers]
     with torch.inference_mode():
         base = model(**call).sample
@@ -141,5 +141,5 @@ def test_twice_is_refused_and_other_models_by_name():
     with pytest.raises(ValueError, match="already carries ToDo"):
         todo_dit.apply_todo_dit(model, 2.0)
     remove()
-    with pytest.raises(TypeError, match="needs SD3, Flux or PixArt"):
-        todo_dit.apply_todo_dit(torch.nn.Linear(2, 2), 2.0)
+    with pytest.raises(TypeError, match="needs SD3, Flux or PixArt, got UNet2DConditionModel"):
+        todo_dit.apply_todo_dit(tiny_unet("sd1"), 2.0)
