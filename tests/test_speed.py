@@ -375,38 +375,23 @@ def test_block_benchmark_times_a_knob_study_without_whole_forwards(monkeypatch, 
 @pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
 def test_one_forward_of_each_diffusion_transformer(speed, tmp_path, capsys, arch):
     """--arch builds the transformer and times one forward on its pipeline's inputs (Flux: one row, no
-    guidance pair), every method interleaved with its ratio to SDPA and to the ceiling; a method the model
-    refuses (tomesd; AgentSD while agentsd patches no transformer) is left out with the reason."""
+    guidance pair), every method interleaved with its ratio to SDPA and to the ceiling, AgentSD's recipe and
+    phases included; tomesd, which patches UNets only, is left out with the reason."""
     out = tmp_path / "out"
     argv = ["--arch", arch, "--resolutions", "64", "--methods", "all", "--repeats", "1", "--warmup", "0"]
     speed.main([*argv, "--no-memory", "--threads", "1", "--out", str(out)])
     err = capsys.readouterr().err
     assert f"leaves out tomesd-r0.4 on {arch} (random weights): tomesd patches a UNet's transformer blocks" in err
     rows = {row["method"]: row for row in json.loads((out / "speed.json").read_text())["results"]}
-    import agentsd
-
-    patched = "agent-phase-r0.4" in rows
-    assert patched == agentsd_takes_transformers(agentsd)
-    assert {"sd", "todo", "ceiling"} <= set(rows) and all(row["mode"] == "unet" for row in rows.values())
-    assert rows["todo"]["ceiling_speedup"] == rows["ceiling"]["speedup"]
-
-
-def agentsd_takes_transformers(agentsd) -> bool:
-    """Whether this agentsd patches diffusion transformers."""
-    from transformer_configs import TRANSFORMER_ARCHS
-
-    try:
-        agentsd.select_blocks(TRANSFORMER_ARCHS["tiny-pixart"].build())
-    except TypeError:
-        return False
-    return True
+    assert set(rows) == {"sd", "todo", "ceiling", "agentsd-r0.4", "agent-phase-r0.4", "tome-phase-r0.4"}
+    assert all(row["mode"] == "unet" and row["ceiling_speedup"] == rows["ceiling"]["speedup"] for row in rows.values())
 
 
 def test_block_benchmark_times_flux_double_and_single_blocks(monkeypatch, capsys):
     """benchmarks/block.py --arch flux-like: each Flux block kind alone, on the input the plain model
     gives it (one row: Flux is guidance-distilled), run in this process."""
     argv = ["--arch", "tiny-flux", "--resolution", "64", "--repeats", "1", "--threads", "1", "--modes", "eager"]
-    argv += ["--methods", "sd", "todo", "ceiling"]
+    argv += ["--methods", "sd", "todo", "agent-phase", "tome-phase", "ceiling"]
     monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
     for block in ("transformer_blocks.0", "single_transformer_blocks.0"):
         monkeypatch.setattr(sys, "argv", ["benchmarks/block.py", *argv, "--block", block])
@@ -414,7 +399,7 @@ def test_block_benchmark_times_flux_double_and_single_blocks(monkeypatch, capsys
         out = capsys.readouterr().out
         assert f"tiny-flux `{block}` at 64 px, batch 1" in out
         rows = [line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| ")]
-        assert rows == ["method", "sd", "todo", "ceiling"]
+        assert rows == ["method", "sd", "todo", "agent-phase", "tome-phase", "ceiling"]
     message = "argument --block: 'blocks.9' is not a module of tiny-flux; e.g. transformer_blocks.0"
     assert message in refusal("benchmarks/block.py", [*argv, "--block", "blocks.9"], monkeypatch, capsys)
 
