@@ -69,6 +69,13 @@ _HIGHRES_RUNS = (
     PlannedRun("sdxl", None, ("unet",), (2048,), skip=_HIGHRES_XL_SKIPS, repeats=1),
 )
 
+#: The diffusion transformers (SD3.5 Medium, PixArt-Sigma, full-width Flux with one block of each kind):
+#: one forward (t = 981, the agent phase), the baseline, ToDo, AgentSD's two phases and the ceiling.
+DIT_METHODS = ("sd", "todo", "agent-phase", "tome-phase", "ceiling")
+_DIT_RUNS = tuple(
+    PlannedRun(arch, None, ("unet",), (px,)) for px in (1024, 2048) for arch in ("pixart-sigma", "flux", "sd35-medium")
+)
+
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         "SD 1.5 architecture, one UNet forward at 512 px: sd, tomesd and AgentSD's two phases, "
@@ -129,6 +136,20 @@ SUITES: dict[str, Suite] = {
                 repeats=3,
             ),
         ),
+    ),
+    "dit": Suite(
+        "one forward of the diffusion transformers at 1024 and 2048 px, peak memory: PixArt-Sigma, Flux at full "
+        "width with one double- and one single-stream block (--flux-blocks), SD3.5 Medium; sd, todo, AgentSD's two "
+        "phases, ceiling; 1 warm-up + 2 timed calls (hours on 2 CPU cores at 2048 px: benchmarks/block.py times "
+        "one block in minutes)",
+        {"methods": list(DIT_METHODS), "warmup": 1, "repeats": 2, "memory": True},
+        _DIT_RUNS,
+    ),
+    "gpu-dit": Suite(
+        "one GPU, fp16: the dit suite's forwards (PixArt-Sigma, full-width Flux with a block of each kind, SD3.5 "
+        "Medium at 1024 and 2048 px; sd, todo, AgentSD's two phases, ceiling), median of 10 after 3 warm-ups",
+        {"methods": list(DIT_METHODS), "dtype": "float16", "warmup": 3, "repeats": 10, "memory": True},
+        _DIT_RUNS,
     ),
     "gpu-smoke": Suite(
         "the gpu suite's plan on the tiny architectures at 64 px, 2 steps, 1 timed call, compiled with "

@@ -92,6 +92,23 @@ def test_highres_and_gpu_suites_plan_their_tables():
     assert runs == [{"sd", "todo", "agent-phase"}, {"sd", "todo", "agentsd"}]
 
 
+def test_dit_suites_time_each_transformer_at_1024_and_2048_px():
+    """dit (CPU) and gpu-dit (one GPU, fp16): the three transformers, cheapest first, one forward each at
+    1024 and 2048 px with sd, ToDo, AgentSD's two phases and the ceiling."""
+    for name in ("dit", "gpu-dit"):
+        suite = suites.SUITES[name]
+        assert suite.settings["methods"] == ["sd", "todo", "agent-phase", "tome-phase", "ceiling"]
+        assert [(run.arch, run.resolutions, run.modes) for run in suite.runs][:3] == [
+            ("pixart-sigma", (1024,), ("unet",)),
+            ("flux", (1024,), ("unet",)),
+            ("sd35-medium", (1024,), ("unet",)),
+        ]
+        assert {run.arch: run.resolutions for run in suite.runs[3:]} == dict.fromkeys(
+            ["pixart-sigma", "flux", "sd35-medium"], (2048,)
+        )
+    assert suites.SUITES["gpu-dit"].settings["dtype"] == "float16"
+
+
 def test_gpu_smoke_is_the_gpu_plan_on_tiny_models():
     smoke, gpu = suites.SUITES["gpu-smoke"], suites.SUITES["gpu"]
     assert [(run.modes, run.compile, run.skip) for run in smoke.runs] == [
