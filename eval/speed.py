@@ -14,7 +14,9 @@ Three measurements, chosen with ``--mode``:
 * ``unet``: one UNet forward on the classifier-free-guidance batch (``--batch``, 2 by default),
   random latents of ``resolution / vae_scale_factor`` and random text embeddings, at a fixed
   ``--timestep`` (981 by default, inside the recipe's agent phase). Reported in seconds per forward.
-  Methods that need the pipeline's own loop (DeepCache, T-GATE) cannot run here.
+  Methods that need the pipeline's own loop (DeepCache, T-GATE) cannot run here. With ``--arch
+  sd35-medium|pixart-sigma|flux`` the model is a diffusion transformer (``transformer_configs.py``),
+  its inputs those its pipeline gives one forward (Flux: one row per image, guidance-distilled).
 * ``pipeline``: a whole guided generation of ``--steps`` steps, in seconds per image (``batch / 2``
   images per call), through the method's own call (DeepCache and T-GATE run their loops). With
   ``--arch`` the pipeline is a real diffusers pipeline around the full-size random-weight UNet with
@@ -116,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=(*MODES, "both"),
         default="unet",
-        help="unet: one UNet forward; pipeline: a whole generation; hires: the hires fix's second pass "
+        help="unet: one forward of the UNet (or diffusion transformer); pipeline: a whole generation; "
+        "hires: the hires fix's second pass "
         f"(image-to-image at {HIRES_STRENGTH:g} strength of a {HIRES_UPSCALE}x-upscaled latent, at --resolutions, "
         "int(steps * strength) steps); both: unet then pipeline",
     )
