@@ -198,15 +198,16 @@ def plan_merge(metric: torch.Tensor, layout: GridLayout, r: int, agent_r: int = 
             ``(N - agent_r) * 2 < N - r``.
 
     Returns:
-        The plan, or ``None`` when nothing would be merged (``r <= 0`` or no sources). Which of the
+        The plan, or ``None`` when nothing would be merged (``r <= 0``, no sources, or no destination:
+        a grid narrower or shorter than one cell has no full cell). Which of the
         two it is depends only on the shapes and ``r``, never on the values, so the call never waits
         for the device.
     """
     num_tokens = metric.shape[1]
     if num_tokens != layout.num_tokens:
         raise ValueError(f"metric has {num_tokens} tokens but the layout is a grid of {layout.num_tokens}")
-    num_src = layout.src_pos.shape[0]
-    if r <= 0 or num_src == 0:
+    num_src, num_dst = layout.src_pos.shape[0], layout.dst_pos.shape[0]
+    if r <= 0 or num_src == 0 or num_dst == 0:
         return None
     r, agent_r = min(r, num_src), min(agent_r, num_src)
     with torch.no_grad():

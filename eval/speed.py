@@ -72,6 +72,7 @@ from speed_report import Row, format_table, noise_warnings, rows_for, run_record
 from suites import COMPILE_MODES, MODES, SUITES, timed_in  # isort: skip
 from transformer_configs import FLUX_BLOCKS, TRANSFORMER_ARCHS  # isort: skip
 from unet_configs import ARCHS  # isort: skip
+from video import VIDEO_UNETS  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE, SEED, WARMUP_STEPS  # isort: skip
 from workloads import Workload, hires_pipeline, hires_steps, load_models, run_workloads  # isort: skip
 
@@ -224,6 +225,8 @@ def _plan_runs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tup
     if args.suite is None:
         modes = ("unet", "pipeline") if args.mode == "both" else (args.mode,)
         arch = None if args.model else args.arch or "sd15"
+        if arch in ARCHS and ARCHS[arch].unet_class.__name__ in VIDEO_UNETS and modes != ("unet",):
+            parser.error(f"argument --arch: {arch} (a video UNet, random weights) is timed in --mode unet only")
         return (PlannedRun(arch, args.model, modes, tuple(dict.fromkeys(args.resolutions)), args.compile, args.steps),)
     given = [flag for flag, dest in _RUN_FLAGS if getattr(args, dest) != parser.get_default(dest)]
     if given:

@@ -10,7 +10,8 @@ matters to AgentSD: its recipe switches phase on the timestep).
 
 ``tiny`` and ``tiny-xl`` are two-level toys for the smoke test: ``tiny`` has attention at the top
 latent level like SD 1.x/2.x, ``tiny-xl`` only one level down plus the ``text_time`` conditioning,
-like SDXL.
+like SDXL. ``svd`` is Stable Video Diffusion's ``UNetSpatioTemporalConditionModel`` (``unet`` mode
+only; its inputs: ``video.py``), ``tiny-svd`` its two-level toy.
 
 :meth:`Arch.build_pipeline` puts the full-size UNet into a real diffusers pipeline with a one-layer
 random text encoder, a word-level tokenizer and a four-level toy VAE: only the UNet is timed, but
@@ -38,6 +39,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UNetSpatioTemporalConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -105,6 +107,51 @@ SDXL_UNET: dict[str, Any] = {
     "resnet_time_scale_shift": "default",
 }
 
+#: stabilityai / stable-video-diffusion-img2vid-xt, unet/config.json (1524.6 M parameters): the defaults of
+#: diffusers' UNetSpatioTemporalConditionModel, which are this config (img2vid, the 14-frame model, differs
+#: only in num_frames, which changes no shape).
+SVD_UNET: dict[str, Any] = {
+    "sample_size": 96,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": [
+        "CrossAttnDownBlockSpatioTemporal",
+        "CrossAttnDownBlockSpatioTemporal",
+        "CrossAttnDownBlockSpatioTemporal",
+        "DownBlockSpatioTemporal",
+    ],
+    "up_block_types": [
+        "UpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+        "CrossAttnUpBlockSpatioTemporal",
+    ],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 768,
+    "layers_per_block": 2,
+    "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": [5, 10, 20, 20],
+    "num_frames": 25,
+}
+
+#: Two levels, spatial and temporal attention at the top one (SVD-like), for the smoke test.
+TINY_SVD_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
+    "block_out_channels": [32, 64],
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 3 * 8,
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "num_attention_heads": [2, 4],
+    "num_frames": 3,
+}
+
 _TINY = {
     "sample_size": 16,
     "in_channels": 4,
@@ -141,6 +188,20 @@ TINY_XL_UNET: dict[str, Any] = {
 TEXT_TOKENS = 77
 _WORDS = ("a", "high", "quality", "photograph", "photo", "of", "the", "cat", "dog", "corgi", ".")
 
+#: stabilityai / stable-video-diffusion-img2vid-xt, scheduler/scheduler_config.json, as diffusers' SVD
+#: pipeline tests spell it out.
+_SVD_EULER = {
+    **_BETAS,
+    "interpolation_type": "linear",
+    "prediction_type": "v_prediction",
+    "sigma_max": 700.0,
+    "sigma_min": 0.002,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "use_karras_sigmas": True,
+}
+
 _PNDM_SD15 = {**_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 
 
@@ -149,14 +210,16 @@ class Arch:
     """A UNet architecture and the scheduler its text-to-image pipeline uses.
 
     Attributes:
-        unet: Keyword config of :class:`~diffusers.UNet2DConditionModel`.
+        unet: Keyword config of the UNet.
         scheduler: Scheduler class of the published pipeline.
         scheduler_config: Its ``scheduler/scheduler_config.json`` settings.
+        unet_class: The UNet's class: :class:`~diffusers.UNet2DConditionModel`, or SVD's.
     """
 
     unet: dict[str, Any]
     scheduler: type[SchedulerMixin]
     scheduler_config: dict[str, Any]
+    unet_class: type[torch.nn.Module] = UNet2DConditionModel
 
     def build_unet(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
         """The UNet with seeded random weights (diffusers' default init), on ``device`` in ``dtype``.
@@ -166,7 +229,7 @@ class Arch:
         """
         torch.manual_seed(seed)
         with torch.device(device):
-            unet = UNet2DConditionModel.from_config(self.unet)
+            unet = self.unet_class.from_config(self.unet)
         # Cast only when needed: ModelMixin.to(dtype=...) warns even for a no-op cast.
         return (unet if dtype == unet.dtype else unet.to(dtype=dtype)).eval()
 
@@ -184,6 +247,8 @@ class Arch:
         encoders whose widths add up to the UNet's cross-attention width, the second one projecting
         to the pooled width the UNet's added embedding expects.
         """
+        if self.unet_class is not UNet2DConditionModel:
+            raise ValueError(f"{self.unet_class.__name__} is timed in --mode unet only: no pipeline is built for it")
         unet = self.build_unet(device, dtype, seed)
         config = unet.config
         torch.manual_seed(seed)
@@ -288,6 +353,9 @@ ARCHS: dict[str, Arch] = {
             "use_karras_sigmas": False,
         },
     ),
+    # Euler with Karras sigmas 700 ... 0.002 and c_noise timesteps, as in the SVD (img2vid-xt) pipeline.
+    "svd": Arch(SVD_UNET, EulerDiscreteScheduler, _SVD_EULER, UNetSpatioTemporalConditionModel),
     "tiny": Arch(TINY_UNET, PNDMScheduler, _PNDM_SD15),
+    "tiny-svd": Arch(TINY_SVD_UNET, EulerDiscreteScheduler, _SVD_EULER, UNetSpatioTemporalConditionModel),
     "tiny-xl": Arch(TINY_XL_UNET, PNDMScheduler, _PNDM_SD15),
 }

@@ -22,6 +22,7 @@ import torch
 
 from agentsd.config import RECIPE_SWITCH
 
+import video  # isort: skip
 from shared import dtype_kwarg  # isort: skip
 from transformer_configs import TRANSFORMER_ARCHS, TransformerArch  # isort: skip
 from unet_configs import ARCHS, TEXT_TOKENS, Arch  # isort: skip
@@ -149,13 +150,16 @@ def unet_workload(
     timestep: int,
 ) -> Workload:
     """One UNet forward on seeded random latents of ``resolution / vae_factor`` and text embeddings,
-    the guided ``batch`` at training ``timestep``."""
+    the guided ``batch`` at training ``timestep`` (SVD's UNet: one video of ``batch / 2`` frames, see ``video``)."""
     generator = torch.Generator().manual_seed(SEED)
-    latent = resolution // vae_factor
-    sample = torch.randn((batch, unet.config.in_channels, latent, latent), generator=generator)
-    sample = sample.to(unet.device, unet.dtype)
-    t = torch.tensor(timestep, device=unet.device)
-    cond = unet_conditioning(unet, batch, resolution, generator)
+    if video.is_video_unet(unet):
+        sample, t, cond = video.unet_inputs(unet, batch, resolution, vae_factor, timestep, generator)
+    else:
+        latent = resolution // vae_factor
+        sample = torch.randn((batch, unet.config.in_channels, latent, latent), generator=generator)
+        sample = sample.to(unet.device, unet.dtype)
+        t = torch.tensor(timestep, device=unet.device)
+        cond = unet_conditioning(unet, batch, resolution, generator)
 
     def call(generate: Callable[..., Any], warmup: bool) -> Any:
         torch.manual_seed(SEED)  # tomesd draws its destinations from the global generator

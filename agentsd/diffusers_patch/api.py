@@ -26,9 +26,10 @@ from ..config import AgentSDConfig
 from .backbones import backbone_of, find_backbone
 from .blocks import merging_stages, select_blocks, transformer_blocks, unsupported_blocks
 from .forwards import Override, UNetForward
+from .models import attention_without_blocks, refuse_unsupported, temporal_block_count
 from .state import BlockState, UNetState
 from .summary import PatchSummary, summarize
-from .timesteps import NoiseRule
+from .timesteps import NoiseRule, model_unit
 
 logger = logging.getLogger("agentsd")
 
@@ -45,13 +46,15 @@ class Patch:
         state: The UNet's per-call state.
         overrides: Every module whose ``forward`` was replaced, in the order they were.
         max_downsample: The coarsest level patched.
-        total_blocks: The UNet's spatial transformer blocks, patched or not.
+        total_blocks: The model's transformer blocks (a UNet's spatial ones), patched or not.
+        temporal_blocks: Its temporal transformer blocks (tokens = frames), never patched.
     """
 
     state: UNetState
     overrides: list[Override] = field(default_factory=list)
     max_downsample: int = 1
     total_blocks: int = 0
+    temporal_blocks: int = 0
 
     @property
     def unet_forward(self) -> UNetForward:
@@ -103,7 +106,8 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
 
     Args:
         model: A diffusers pipeline with a ``.unet`` (SD 1.x, 2.x, SDXL; text-to-image,
-            image-to-image, inpainting, ControlNet, PAG, AnimateDiff, ...) or its UNet; or a
+            image-to-image, inpainting, ControlNet, PAG, AnimateDiff, Stable Video Diffusion, ...) or
+            its UNet; or a
             pipeline with a ``.transformer`` (SD3 / SD3.5, Flux, PixArt-α/Σ and their image-to-image,
             inpainting and ControlNet variants) or that transformer.
         config: The settings; or pass them as keywords (``ratio=0.4``, ``schedule="fixed"``, ...),
@@ -120,11 +124,16 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     config = config if config is not None else AgentSDConfig(**knobs)
     unet = find_backbone(model)
     backbone = backbone_of(unet)
+    refuse_unsupported(model, unet)
     sites = transformer_blocks(unet)
     others = unsupported_blocks(unet) if backbone.family == "UNet" else []
     if not sites:
-        found = f"; its transformer blocks are {', '.join(others)}, which AgentSD does not support" if others else ""
-        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch{found}")
+        found = (
+            f"its transformer blocks are {', '.join(others)}, which AgentSD does not support"
+            if others
+            else attention_without_blocks(unet)
+        )
+        raise ValueError(f"{type(unet).__name__} has no BasicTransformerBlock to patch; {found}")
     if others:
         warnings.warn(
             f"agentsd patches only BasicTransformerBlocks; this model's {', '.join(others)} blocks stay unpatched",
@@ -140,9 +149,10 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
     owner = weakref.ref(model) if model is not unet else None
 
     remove_patch(unet)
-    rule = NoiseRule(num_train_timesteps, owner, backbone.timestep_scale)
+    rule = NoiseRule(num_train_timesteps, owner, backbone.timestep_scale, model_unit=model_unit(unet))
     state = UNetState(config=config, rule=rule, backbone=backbone)
-    patch = Patch(state, max_downsample=max_downsample, total_blocks=len(sites))
+    temporal = temporal_block_count(unet, [site.module for site in sites])
+    patch = Patch(state, max_downsample=max_downsample, total_blocks=len(sites), temporal_blocks=temporal)
     patch.overrides.append(Override(unet, "unet", state).install())
     for site in sites:
         stages = stages_of.get(id(site.module))
@@ -154,6 +164,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             downsample=site.downsample,
             name=site.name,
             last_stage=stages[-1][0],
+            attention=next((name for name, kind in stages if kind in ("self", "joint")), stages[0][0]),
             cross_only=bool(getattr(site.module, "only_cross_attention", False)),
         )
         state.blocks.append(block)
@@ -269,4 +280,6 @@ def patch_summary(model: Any) -> PatchSummary | None:
     if patch is None:
         return None
     owner = model if model is not unet else (patch.state.rule.owner() if patch.state.rule.owner else None)
-    return summarize(patch.state, patch.max_downsample, patch.total_blocks, owner)
+    return summarize(
+        patch.state, patch.max_downsample, patch.total_blocks, owner, type(unet).__name__, patch.temporal_blocks
+    )

@@ -1,9 +1,10 @@
 """The transformer blocks AgentSD patches in a diffusers model, and the parts of each that merge.
 
 In a UNet the blocks are the ``BasicTransformerBlock`` objects of its spatial transformers
-(``Transformer2DModel``), whose tokens are the pixels of one feature map. Temporal transformers
-(AnimateDiff's motion modules, whose tokens are frames) use the same block class but are not
-spatial: they are never patched. In a diffusion transformer every block sees the whole patch grid:
+(``Transformer2DModel``, and the spatial half of SVD's ``TransformerSpatioTemporalModel``: see
+``models``), whose tokens are the pixels of one feature map. Temporal transformers (AnimateDiff's
+motion modules, SVD's temporal blocks, whose tokens are frames) are not spatial: they are never
+patched. In a diffusion transformer every block sees the whole patch grid:
 SD3's ``JointTransformerBlock``, Flux's double- and single-stream blocks, PixArt's
 ``BasicTransformerBlock``.
 
@@ -19,11 +20,11 @@ from typing import Any, Literal
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ..config import AgentSDConfig
 from ..selection import BlockSite, select_sites, top_attention_level
 from .backbones import backbone_of, find_backbone, is_unet
+from .models import SPATIAL_TRANSFORMERS, TEMPORAL_BLOCKS, refuse_unsupported
 
 StageKind = Literal["self", "joint", "cross", "ff"]
 
@@ -62,7 +63,9 @@ def stage_kinds(block: torch.nn.Module) -> dict[str, StageKind]:
                 "agentsd patches Flux with diffusers >= 0.35, whose single-stream blocks take the text and "
                 "image tokens apart; upgrade diffusers (python -m pip install -U diffusers)"
             )
-        return {"attn": "joint"}  # its feed-forward is a branch beside attention, joined in proj_out
+        # Its MLP branch runs (first) beside attention and is joined to it per token by proj_out, so
+        # merging the branch's projection and copying its rows back is the branch on merged tokens.
+        return {"proj_mlp": "ff", "attn": "joint"}
     else:
         raise TypeError(f"agentsd cannot patch a {name}")
     return stages | {"ff": "ff"}
@@ -87,7 +90,7 @@ def unet_blocks(unet: torch.nn.Module) -> list[BlockSite]:
     found = []
     for prefix, scope, downsample in scopes:
         for name, module in scope.named_modules():
-            if not isinstance(module, Transformer2DModel):
+            if not isinstance(module, SPATIAL_TRANSFORMERS):
                 continue
             for index, block in enumerate(module.transformer_blocks):
                 if isinstance(block, BasicTransformerBlock):
@@ -96,12 +99,15 @@ def unet_blocks(unet: torch.nn.Module) -> list[BlockSite]:
 
 
 def unsupported_blocks(unet: torch.nn.Module) -> list[str]:
-    """Class names of the transformer blocks of ``unet`` that are not ``BasicTransformerBlock`` (left unpatched)."""
+    """Class names of the transformer blocks of ``unet`` that are neither ``BasicTransformerBlock`` nor temporal
+    (left unpatched)."""
     return sorted(
         {
             type(module).__name__
             for module in unet.modules()
-            if type(module).__name__.endswith("TransformerBlock") and not isinstance(module, BasicTransformerBlock)
+            if type(module).__name__.endswith("TransformerBlock")
+            and not isinstance(module, BasicTransformerBlock)
+            and type(module).__name__ not in TEMPORAL_BLOCKS
         }
     )
 
@@ -129,7 +135,9 @@ def select_blocks(
     Raises:
         ValueError: A name in ``blocks`` matches no block of the model.
     """
-    sites = select_sites(transformer_blocks(find_backbone(model)), max_downsample)
+    denoiser = find_backbone(model)
+    refuse_unsupported(model, denoiser)
+    sites = select_sites(transformer_blocks(denoiser), max_downsample)
     if blocks is None:
         return sites
     return [site for site in sites if any(_names(site.name, name) for name in _known(sites, blocks))]

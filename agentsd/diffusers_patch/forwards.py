@@ -132,7 +132,7 @@ def stage_forward(
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kind == "ff" or previous is not None:
-            call = StageCall(module, stage, previous, args, kwargs, None)
+            call = StageCall(module, stage, previous, args, kwargs, None, kind == "ff")
         else:
             processor = module.processor
             keywords = accepted.get(type(processor))
@@ -149,16 +149,33 @@ def stage_forward(
     return forward
 
 
+#: What a joint attention layer's forward always hands its processor.
+JOINT_ARGUMENTS = frozenset({"encoder_hidden_states", "attention_mask", "image_rotary_emb"})
+
+
 def joint_forward(
     module: torch.nn.Module, state: BlockState, stage: str, previous: Callable[..., Any] | None
 ) -> Callable[..., Any]:
     """The patched ``forward`` of a joint attention layer (SD3, Flux): see :func:`stage_forward`."""
     agents = AgentSettings.of(state.config)
     text_first = state.unet.backbone.text_first
+    accepted: dict[type, frozenset[str]] = {}
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        own = previous is None and type(module.processor) in joint_processors()
-        call = JointCall(module, stage, previous, args, kwargs, text_first, own, agents if own else None)
+        if previous is not None:
+            call = JointCall(module, stage, previous, args, kwargs, text_first, False, None)
+            return state.run(call, hidden_states)
+        processor = module.processor
+        keywords = accepted.get(type(processor))
+        if keywords is None:  # read once per processor class (traced: every time, keeping the graph pure)
+            keywords = accepted_keywords(processor) | JOINT_ARGUMENTS
+            if not torch.compiler.is_compiling():
+                accepted[type(processor)] = keywords
+        names = ("encoder_hidden_states", "attention_mask", "image_rotary_emb")
+        given = dict(zip(names, args)) | kwargs
+        call_kwargs = {name: value for name, value in given.items() if name in keywords}
+        own = type(processor) in joint_processors()
+        call = JointCall(module, stage, None, (), call_kwargs, text_first, own, agents if own else None)
         return state.run(call, hidden_states)
 
     return forward

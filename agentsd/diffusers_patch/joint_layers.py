@@ -104,7 +104,8 @@ class JointCall(NamedTuple):
         stage: Its attribute name in the block (``"attn"``).
         previous: The module's instance ``forward`` from before the patch (another library's), or ``None``.
         args: Positional arguments of its forward besides the tokens.
-        kwargs: Its keyword arguments (``encoder_hidden_states``, ``image_rotary_emb``, ...).
+        kwargs: Its keyword arguments (``encoder_hidden_states``, ``image_rotary_emb``, ...): with the
+            module's own forward, those its processor accepts.
         text_first: Whether the joint sequence is ``[text ; image]`` (Flux) rather than ``[image ; text]``.
         own: Whether the processor is one of :func:`joint_processors`: the math here may replace it.
         agents: Agent attention's settings where agents may stand in (``own``), else ``None``.
@@ -127,10 +128,15 @@ class JointCall(NamedTuple):
         return self.args[2] if len(self.args) > 2 else self.kwargs.get("image_rotary_emb")
 
     def layer(self, x: torch.Tensor) -> Any:
-        """The module's own forward on tokens ``x`` (its processor, as the module calls it)."""
+        """The module's own forward on tokens ``x``: its processor, called as the module calls it
+        (``kwargs`` hold only what the processor accepts)."""
         if self.previous is not None:
             return self.previous(x, *self.args, **self.kwargs)
-        return type(self.module).forward(self.module, x, *self.args, **self.kwargs)
+        return self.module.processor(self.module, x, *self.args, **self.kwargs)
+
+    def runner(self) -> Any:
+        """What runs the call: the layer's processor (or another library's forward, the module)."""
+        return self.module if self.previous is not None else self.module.processor
 
     def fits(self, plan: MergePlan | None, x: torch.Tensor) -> bool:
         """Whether this call runs on ``plan``'s merged tokens: the image tokens fit the plan, and a
@@ -159,13 +165,14 @@ class JointCall(NamedTuple):
                 out = self.layer(torch.cat([text, merged], dim=1))
                 return torch.cat([out[:, :text_tokens], plan.unmerge(out[:, text_tokens:])], dim=1)
             image_out, *rest = self.layer(merged)
-            return (plan.unmerge(image_out), *rest)
+            # Contiguous, as the agents' branch: a traced call's branches must give alike laid-out outputs.
+            return (plan.unmerge(image_out), *(out.contiguous() for out in rest))
         image_out, text_out = self._attend(plan, image, merged, text if context is None else context)
         if context is None:  # a single-stream block's layer has no output projection
             return torch.cat([text_out, plan.unmerge(image_out)], dim=1)
         attn = self.module
         image_out = plan.unmerge(attn.to_out[1](attn.to_out[0](image_out)))
-        return image_out, text_out if attn.context_pre_only else attn.to_add_out(text_out)
+        return image_out, text_out.contiguous() if attn.context_pre_only else attn.to_add_out(text_out)
 
     def _attend(
         self, plan: MergePlan, image: torch.Tensor, merged: torch.Tensor, text: torch.Tensor

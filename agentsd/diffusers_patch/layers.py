@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import diffusers.models.attention_processor as processors
 import torch
@@ -22,9 +22,6 @@ from .. import attention
 from ..attention import AgentSettings
 from ..block import run_merged
 from ..merge import MergePlan
-
-#: The parts of a transformer block that can run on merged tokens, in the order they run.
-StageName = Literal["attn1", "attn2", "ff"]
 
 #: Processors that compute ``softmax(q k^T / sqrt(d)) v`` and nothing else when called without
 #: encoder states: agent attention may replace their computation in plain self-attention. Exact
@@ -122,44 +119,60 @@ class StageCall(NamedTuple):
     one by one.)
 
     Attributes:
-        module: The attention layer or feed-forward.
-        stage: Which part of the block it is.
+        module: The attention layer or feed-forward (or, in Flux's single-stream blocks, the MLP
+            branch's projection).
+        stage: Which part of the block it is (its attribute name).
         previous: The module's instance ``forward`` from before the patch (another library's), or ``None``.
         args: Positional arguments of the module's forward besides the tokens.
         kwargs: Its keyword arguments; for an attention layer, those its processor accepts.
         agents: Agent attention's settings where agents may stand in for the processor (plain
             self-attention in ``attn1`` through a plain-softmax processor), else ``None``.
+        feed_forward: Whether the module is a per-token layer (``ff``), not an attention layer.
     """
 
     module: torch.nn.Module
-    stage: StageName
+    stage: str
     previous: Callable[..., Any] | None
     args: tuple
     kwargs: dict[str, Any]
     agents: AgentSettings | None
+    feed_forward: bool = False
 
     def layer(self, x: torch.Tensor) -> torch.Tensor:
         """The module's own forward on tokens ``x``: its processor for an attention layer, as
         ``Attention.forward`` calls it."""
         if self.previous is not None:
             return self.previous(x, *self.args, **self.kwargs)
-        if self.stage == "ff":
+        if self.feed_forward:
             return type(self.module).forward(self.module, x, *self.args, **self.kwargs)
         return self.module.processor(self.module, x, *self.args, **self.kwargs)
 
     def agent_layer(self, x: torch.Tensor, agent_tokens: torch.Tensor) -> torch.Tensor:
         return agent_self_attention(self.module, x, agent_tokens, self.agents)
 
+    def runner(self) -> Any:
+        """What runs the call: the module, or an attention layer's processor."""
+        return self.module if self.feed_forward or self.previous is not None else self.module.processor
+
     def fits(self, plan: MergePlan | None, x: torch.Tensor) -> bool:
-        """Whether this call runs on ``plan``'s merged tokens: ``x`` holds the tokens the plan was made for."""
-        return plan is not None and x.shape[1] == plan.num_tokens
+        """Whether this call runs on ``plan``'s merged tokens: ``x`` holds the tokens the plan was made
+        for (a per-token layer: after text tokens, as in Flux's single-stream blocks)."""
+        if plan is None:
+            return False
+        return x.shape[1] == plan.num_tokens or (self.feed_forward and x.shape[1] > plan.num_tokens)
 
     def output(self, plan: MergePlan | None, x: torch.Tensor) -> torch.Tensor:
         """The module's output for tokens ``x`` [B, N, C], computed on ``plan``'s merged tokens.
 
         Without a plan, or for a call whose token count does not fit it (a feed-forward chunked along
-        the tokens by ``set_chunk_feed_forward(dim=1)``), the module runs on ``x`` itself.
+        the tokens by ``set_chunk_feed_forward(dim=1)``), the module runs on ``x`` itself. A per-token
+        layer called on text tokens followed by the image tokens runs on the text tokens and the
+        merged image tokens.
         """
         if not self.fits(plan, x):
             return self.layer(x)
+        text = x.shape[1] - plan.num_tokens
+        if text:
+            out = self.layer(torch.cat([x[:, :text], plan.merge(x[:, text:])], dim=1))
+            return torch.cat([out[:, :text], plan.unmerge(out[:, text:])], dim=1)
         return run_merged(plan, x, self.layer, self.agent_layer if self.agents is not None else None)

@@ -44,6 +44,8 @@ class UNetState:
         blocks: The patched blocks, in the order they run.
         latent_size: (H, W) of this call's finest token grid (a UNet's or patchified transformer's
             latent; Flux's token grid).
+        batch_size: The first dimension of this call's ``sample``: images, or videos (whose frames the
+            spatial blocks see as batch entries).
         timestep: This call's timestep, a 0-d float32 tensor on the model's device.
         phase: The phase of this call when it is known on the host (eager calls, ``compile_unet``),
             else ``None`` (traced calls: the blocks choose on the device).
@@ -59,6 +61,7 @@ class UNetState:
     backbone: Backbone = BACKBONES["UNet"]
     blocks: list[BlockState] = field(default_factory=list)
     latent_size: tuple[int, int] = (0, 0)
+    batch_size: int = 0
     timestep: torch.Tensor | None = None
     phase: Phase | None = None
     whole_graph: bool = False
@@ -101,8 +104,12 @@ class UNetState:
         first = (timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))).flatten()[0]
         self.timestep = first.to(device=sample.device, dtype=torch.float32)
         self.latent_size = latent_size or (sample.shape[-2], sample.shape[-1])
+        self.batch_size = sample.shape[0]
         # Odd batches of a guided model cannot hold whole (prompted, unprompted) pairs: random
         # destinations would give the two halves of a pair different plans, so use the fixed top-left ones.
+        # A video's sample ([videos, frames, ...] or [videos, channels, frames, ...]) counts videos here:
+        # the guided pair of one video is 2 of them, whatever its frames. Every frame of the call gets
+        # the same layout, so frame f of both halves shares its destinations.
         use_rand = self.config.use_rand and (sample.shape[0] % 2 == 0 or not self.backbone.guidance_batch)
         self.keys = draw_keys(self.config.seed, self.timestep, len(self.blocks)) if use_rand else None
         if self.phase is not None and not self.whole_graph:
@@ -178,12 +185,15 @@ class BlockState:
         downsample: Its resolution level (1 = the latent's).
         name: Its path in the UNet.
         last_stage: The last of its stages that merges (by attribute name); that stage drops the plan.
+        attention: The name of its self- or joint attention stage (what the summary reports first).
         metric: This call's block input, the similarity metric (until the block returns).
         layout: The grid layout of the last eager call.
         plan: This call's merge plan, when the phase is known on the host.
         cross_only: Whether its ``attn1`` attends to the text (``only_cross_attention``, as in the x4
             upscaler): it has no self-attention, so no agents, and runs ToMe in every phase.
         tokens_seen: Its token count at its last call.
+        frames_seen: Batch entries per entry of the model's ``sample`` at its last call: the frames of a
+            video (each merged on its own), 1 for images.
         runs: What each of its stages did at its last eager call.
     """
 
@@ -192,11 +202,13 @@ class BlockState:
     downsample: int
     name: str = ""
     last_stage: str = "attn1"
+    attention: str = "attn1"
     cross_only: bool = False
     metric: torch.Tensor | None = None
     layout: GridLayout | None = None
     plan: MergePlan | None = None
     tokens_seen: int | None = None
+    frames_seen: int | None = None
     runs: dict[str, StageRun] = field(default_factory=dict)
 
     @property
@@ -216,6 +228,7 @@ class BlockState:
         """The block is called with input ``x``: plan now if the phase is known (outside a whole-model
         graph), else keep the metric."""
         self.tokens_seen = x.shape[1]
+        self.frames_seen = x.shape[0] // max(self.unet.batch_size, 1)
         if self.unet.phase is not None and not self.unet.whole_graph:
             self.plan = make_plan(self.unet.phase, self.layout, x)
         else:
@@ -244,13 +257,15 @@ class BlockState:
             return call.output(plan, x)
         phases = tuple(astuple(phase) for phase in (self.config.phases if unet.phase is None else (unet.phase,)))
         level = unet.rule.level_on_device(unet.timestep)
-        traced_stage = block_runner.traced_stage(len(phases), x.is_cuda)
+        traced_stage = block_runner.traced_stage(
+            len(phases), x.is_cuda, not getattr(call.module, "context_pre_only", False)
+        )
         return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
 
     def record(self, call: StageCall | JointCall, plan: MergePlan | None, x: torch.Tensor) -> None:
         """Note what ``call`` runs (for :func:`agentsd.patch_summary`)."""
         merged = call.fits(plan, x)
-        runs = call.module if call.stage == "ff" or call.previous is not None else call.module.processor
+        runs = call.runner()
         self.runs[call.stage] = StageRun(
             phase=self.config.phases.index(self.unet.phase),
             processor=type(runs).__name__ if call.previous is None else "replaced forward",

@@ -29,6 +29,9 @@ class PatchedBlock:
         tokens_seen: Its token count at its last call (``None`` before the first).
         cross_only: Whether its ``attn1`` attends to the text (no self-attention: ToMe in every phase).
         runs: What each merging stage ran (``"attn1"`` etc.), at its last eager call.
+        attention: The name of its self- or joint attention stage (``"attn1"``; ``"attn"`` in SD3 and Flux).
+        frames_seen: The frames of a video it merged one by one at its last call (1 for images; ``None``
+            before the first).
     """
 
     name: str
@@ -36,9 +39,12 @@ class PatchedBlock:
     tokens_seen: int | None
     cross_only: bool = False
     runs: tuple[tuple[str, StageRun], ...] = ()
+    attention: str = "attn1"
+    frames_seen: int | None = None
 
-    def ran(self, stage: str = "attn1") -> StageRun | None:
-        return dict(self.runs).get(stage)
+    def ran(self, stage: str | None = None) -> StageRun | None:
+        """What ``stage`` (by default its attention) ran at its last eager call."""
+        return dict(self.runs).get(stage or self.attention)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class PatchSummary:
         scheduler: Class name of the pipeline's scheduler, or ``None`` for a bare UNet.
         steps: For a pipeline whose scheduler has a schedule: ``(first step, last step, phase index)``
             runs over its steps, else ``()``.
+        model: Class name of the patched model.
+        family: ``"UNet"``, or the diffusion transformer's family (``"SD3"``, ``"Flux"``, ``"PixArt"``).
+        temporal_blocks: The UNet's temporal transformer blocks (tokens = frames), never patched.
     """
 
     config: AgentSDConfig
@@ -66,15 +75,22 @@ class PatchSummary:
     num_train_timesteps: int = 1000
     scheduler: str | None = None
     steps: tuple[tuple[int, int, int], ...] = ()
+    model: str = "UNet2DConditionModel"
+    family: str = "UNet"
+    temporal_blocks: int = 0
 
     def __str__(self) -> str:
         levels = sorted({block.downsample for block in self.blocks})
         tokens = sorted({block.tokens_seen for block in self.blocks if block.tokens_seen is not None})
         seen = f", {'/'.join(map(str, tokens))} tokens in the last call" if tokens else ""
-        lines = [
-            f"AgentSD patched {len(self.blocks)} of {self.total_blocks} transformer blocks "
-            f"(downsample {'/'.join(map(str, levels)) or '-'} <= max_downsample={self.max_downsample}{seen})"
-        ]
+        if self.family == "UNet":
+            where = f"downsample {'/'.join(map(str, levels)) or '-'} <= max_downsample={self.max_downsample}{seen}"
+            lines = [f"AgentSD patched {len(self.blocks)} of {self.total_blocks} transformer blocks ({where})"]
+        else:
+            lines = [
+                f"AgentSD patched {len(self.blocks)} of the {self.total_blocks} blocks of {self.model} "
+                f"({self.family}: each sees the whole image grid{seen}; text tokens are never merged)"
+            ]
         config = self.config
         # A custom schedule ignores config.ratio: each phase line below states its own.
         schedule = f"{config.schedule!r}, ratio {config.ratio:g}" if isinstance(config.schedule, str) else "custom"
@@ -92,6 +108,7 @@ class PatchSummary:
                 f"  {cross_only} of the {len(self.blocks)} blocks have no self-attention (attn1 attends to the "
                 "text, only_cross_attention): no agents there, ToMe in every phase"
             )
+        lines += self._video()
         if self.steps:
             total = self.steps[-1][1] + 1
             ranges = ", ".join(
@@ -101,6 +118,17 @@ class PatchSummary:
             lines.append(f"  {self.scheduler}, {total} steps: {ranges}")
         lines += self._last_call()
         return "\n".join(lines)
+
+    def _video(self) -> list[str]:
+        """The ``video:`` line of a video UNet: frames per video in the last call, the temporal blocks left alone."""
+        frames = sorted({block.frames_seen for block in self.blocks if block.frames_seen is not None})
+        if not self.temporal_blocks and frames in ([], [1]):
+            return []
+        seen = f"{'/'.join(map(str, frames))} frames per video in the last call, " if frames else ""
+        return [
+            f"  video: {seen}each frame merged on its own; the {self.temporal_blocks} temporal transformer blocks "
+            "(tokens = frames) are not patched"
+        ]
 
     def _kind(self, index: int) -> str:
         return "agent attention" if self.config.phases[index].uses_agents else "ToMe"
@@ -134,11 +162,25 @@ def scheduler_steps(owner: Any, rule: NoiseRule, config: AgentSDConfig) -> tuple
     return type(scheduler).__name__, tuple(step_ranges(phases))
 
 
-def summarize(state: UNetState, max_downsample: int, total_blocks: int, owner: Any = None) -> PatchSummary:
-    """The :class:`PatchSummary` of a patched UNet's state (``owner``: the pipeline, if any)."""
+def summarize(
+    state: UNetState,
+    max_downsample: int,
+    total_blocks: int,
+    owner: Any = None,
+    model: str = "UNet2DConditionModel",
+    temporal_blocks: int = 0,
+) -> PatchSummary:
+    """The :class:`PatchSummary` of a patched model's state (``owner``: the pipeline, if any; ``model``:
+    the patched model's class name)."""
     blocks = tuple(
         PatchedBlock(
-            block.name, block.downsample, block.tokens_seen, block.cross_only, tuple(sorted(block.runs.items()))
+            block.name,
+            block.downsample,
+            block.tokens_seen,
+            block.cross_only,
+            tuple(sorted(block.runs.items())),
+            block.attention,
+            block.frames_seen,
         )
         for block in state.blocks
     )
@@ -151,4 +193,7 @@ def summarize(state: UNetState, max_downsample: int, total_blocks: int, owner: A
         num_train_timesteps=state.num_train_timesteps,
         scheduler=scheduler,
         steps=steps,
+        model=model,
+        family=state.backbone.family,
+        temporal_blocks=temporal_blocks,
     )

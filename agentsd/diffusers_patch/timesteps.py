@@ -6,9 +6,11 @@ passes training timesteps (DDIM, PNDM, LMS, Euler, Heun, DPM-Solver, UniPC, DEIS
 KDPM2; fractional ones under Karras sigmas); the flow-matching schedulers of SD3, Flux and PixArt
 pass ``sigma * num_train_timesteps``, so their noise level is sigma (Flux's pipelines divide it by
 1000 before the transformer: :attr:`NoiseRule.timestep_scale`). The EDM schedulers pass ``c_noise = log(sigma) / 4``
-instead: their sigma is mapped to the training timestep of Stable Diffusion's own noise schedule
-with that sigma (:func:`edm_noise_level`), so the agent phase covers the same noise levels whatever
-the scheduler. For any other scheduler the unit is unknown: a warning names it, once.
+instead, and so does Euler as Stable Video Diffusion configures it (``timestep_type="continuous"``
+with v-prediction): their sigma is mapped to the training timestep of Stable Diffusion's own noise
+schedule with that sigma (:func:`edm_noise_level`), so the agent phase covers the same noise levels
+whatever the scheduler. SVD's UNet is trained on ``c_noise``: a bare one is read so. For any other
+scheduler the unit is unknown: a warning names it, once, and the model's own unit is used.
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ TIMESTEP_SCHEDULERS = frozenset(
 )
 
 
+#: UNets trained on EDM's ``c_noise`` (Stable Video Diffusion's): read so without a pipeline's scheduler.
+C_NOISE_UNETS = frozenset({"UNetSpatioTemporalConditionModel"})
+
+
+def passes_c_noise(scheduler: Any) -> bool:
+    """Whether ``scheduler`` passes the UNet ``0.25 * log(sigma)``: an EDM scheduler, or Euler configured as
+    SVD's (``timestep_type="continuous"`` and ``prediction_type="v_prediction"``, diffusers' condition)."""
+    if type(scheduler).__name__ in EDM_SCHEDULERS:
+        return True
+    config = getattr(scheduler, "config", None)
+    return (
+        getattr(config, "timestep_type", None) == "continuous"
+        and getattr(config, "prediction_type", None) == "v_prediction"
+    )
+
+
+def model_unit(unet: torch.nn.Module) -> str:
+    """The timestep unit ``unet`` is trained on: ``"edm"`` for SVD's UNet, ``"timesteps"`` for the others."""
+    return "edm" if type(unet).__name__ in C_NOISE_UNETS else "timesteps"
+
+
 @dataclass
 class NoiseRule:
     """How a UNet call's timestep becomes its noise level, for the scheduler of its pipeline.
@@ -63,38 +86,46 @@ class NoiseRule:
     Attributes:
         num_train_timesteps: The horizon of ``t / num_train_timesteps``.
         owner: A weak reference to the pipeline patched, whose ``scheduler`` is read at every call (so a scheduler
-            swapped in later is followed), or ``None`` for a bare model: training timesteps.
+            swapped in later is followed), or ``None`` for a bare model: read in ``model_unit``.
         timestep_scale: What the model's timestep is multiplied by to give the scheduler's (1000 for
             Flux, whose pipelines pass ``t / 1000``; else 1).
         warned: Scheduler classes already warned about.
+        model_unit: The model's own unit (:func:`model_unit`), for a bare model and an unknown scheduler.
     """
 
     num_train_timesteps: int
     owner: Any = None
     timestep_scale: float = 1.0
     warned: set[str] = field(default_factory=set)
+    model_unit: str = "timesteps"
 
     def __getstate__(self) -> dict[str, Any]:
         # The pipeline is not part of the UNet: a copied or unpickled UNet reads training timesteps.
         return self.__dict__ | {"owner": None}
 
     def unit(self) -> str:
-        """``"timesteps"`` or ``"edm"``: what the pipeline's current scheduler passes the UNet."""
+        """``"timesteps"`` or ``"edm"``: what the pipeline's current scheduler passes the model (``model_unit``
+        without a scheduler)."""
         owner = self.owner() if self.owner is not None else None
         scheduler = getattr(owner, "scheduler", None)
         if scheduler is None:
-            return "timesteps"
+            return self.model_unit
         name = type(scheduler).__name__
-        if name in EDM_SCHEDULERS:
+        if passes_c_noise(scheduler):
             return "edm"
-        if name not in TIMESTEP_SCHEDULERS and name not in self.warned:
+        if name in TIMESTEP_SCHEDULERS:
+            return "timesteps"
+        if name not in self.warned:
             self.warned.add(name)
-            warnings.warn(
-                f"agentsd does not know the timestep unit of {name}; its phases follow "
-                f"t / num_train_timesteps ({self.num_train_timesteps}) as for DDIM-like schedulers",
-                stacklevel=4,
+            follows = (
+                "log(sigma) / 4, as the UNet is trained"
+                if self.model_unit == "edm"
+                else f"t / num_train_timesteps ({self.num_train_timesteps}) as for DDIM-like schedulers"
             )
-        return "timesteps"
+            warnings.warn(
+                f"agentsd does not know the timestep unit of {name}; its phases follow {follows}", stacklevel=4
+            )
+        return self.model_unit
 
     def level(self, value: float) -> float:
         """The noise level of a timestep value read on the host."""
