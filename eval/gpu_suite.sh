@@ -12,6 +12,9 @@
 # $OUT defaults to runs/speed. SUITE=gpu-smoke runs the same plan on tiny models (any machine);
 # SUITE=gpu-block profiles one top-level block per method at 512/1024 px, eager and compiled with CUDA
 # graphs (benchmarks/block.py --profile; $OUT/gpu-block/log.txt; a few minutes);
+# SUITE=gpu-dit the diffusion transformers (eval/speed.py --suite gpu-dit: one forward of PixArt-Sigma, full-width
+# Flux with one block of each kind and SD3.5 Medium at 1024/2048 px), then Flux's double and single block alone
+# (benchmarks/block.py, eager, 1024/2048 px; $OUT/gpu-dit/log.txt; not yet run on a GPU);
 # SUITE=gpu-compile 20-step generations with the whole UNet compiled with CUDA graphs (mode
 # reduce-overhead) at 1024/512 px, after sd, ToDo and the agent phase eager (about 8.5 minutes: a call
 # of its own; on 2026-12-01 its earlier plan, compiled forwards, took 7 min). The gpu suite
@@ -56,6 +59,20 @@ if [[ "$SUITE" == gpu-block ]]; then
             --resolution "$px" --repeats 20 --compiler-mode reduce-overhead --profile 15 \
             --methods sd todo agent-phase ceiling
     done 2>&1 | tee "$OUT/gpu-block/log.txt"
+    exit "${PIPESTATUS[0]}"
+fi
+if [[ "$SUITE" == gpu-dit ]]; then
+    # sd, ToDo, AgentSD's two phases and the ceiling on each transformer's forward, then on each Flux block kind.
+    mkdir -p "$OUT/gpu-dit"
+    {
+        timeout "${SUITE_TIMEOUT:-420}" "$PYTHON" eval/speed.py --suite gpu-dit --out "$OUT/gpu-dit"
+        for block in transformer_blocks.0 single_transformer_blocks.0; do
+            for px in 1024 2048; do
+                timeout 60 "$PYTHON" benchmarks/block.py --arch flux --block "$block" --device cuda --dtype float16 \
+                    --resolution "$px" --repeats 10 --modes eager --methods sd todo agent-phase tome-phase ceiling
+            done
+        done
+    } 2>&1 | tee "$OUT/gpu-dit/log.txt"
     exit "${PIPESTATUS[0]}"
 fi
 LIMIT=480
