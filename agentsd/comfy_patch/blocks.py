@@ -21,7 +21,6 @@ patched block that runs (:class:`ModelState`), from what ComfyUI passes every bl
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -37,12 +36,16 @@ from ..config import AgentSDConfig, Phase
 from ..layout import draw_keys
 from ..merge import MergePlan, make_layout, make_plan
 from ..schedule import edm_noise_level, phase_index
+from .twins import twin
 
 logger = logging.getLogger("agentsd")
 
 #: ``(block name, number, index in its spatial transformer)``: how ComfyUI names a transformer block
 #: in ``extra_options`` and in ``attn1_replace`` patches, e.g. ``("input", 1, 0)``.
 BlockKey = tuple[str, int, int]
+
+#: Where AgentSD's state sits in a patched model's ``transformer_options``.
+OPTIONS_KEY = "agentsd"
 
 
 def block_key(extra_options: dict[str, Any]) -> BlockKey | None:
@@ -56,7 +59,13 @@ def noise_level(model_sampling: Any, timestep: float) -> float:
 
     Discrete sampling (SD's own, and its v-prediction, LCM and zero-SNR variants) gives a training
     timestep; EDM sampling gives ``c_noise = log(sigma) / 4``, which is mapped onto SD's schedule.
+    Flow matching (SD3, Flux) gives ``sigma * multiplier`` (Flux dev: sigma): its noise level is
+    sigma, as the diffusers patch reads its flow-matching schedulers.
     """
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+        return timestep / model_sampling.multiplier
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+        return timestep
     if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and not isinstance(
         model_sampling, comfy.model_sampling.ModelSamplingDiscreteEDM
     ):
@@ -265,9 +274,6 @@ class ModelState:
         return self.keys[index] if self.keys is not None else None
 
 
-_RECORDER_CLASSES: dict[type, type] = {}
-
-
 class _RecordsInput:
     """Mixed into a twin of a block's ``norm1``: hands its input (the block input) to the block."""
 
@@ -279,16 +285,6 @@ class _RecordsInput:
 
 
 def input_recorder(norm: torch.nn.Module, block: BlockState) -> torch.nn.Module:
-    """A twin of ``norm`` that records its input for ``block``: the object ComfyUI patches in.
-
-    A shallow copy whose class adds the recording: it shares the original's parameter and buffer
-    dictionaries, so weight patches (LoRA) reach the same tensors under the same names, and
-    ComfyUI's unpatching puts back the original module, untouched.
-    """
-    cls = type(norm)
-    if cls not in _RECORDER_CLASSES:
-        _RECORDER_CLASSES[cls] = type(f"AgentSD{cls.__name__}", (_RecordsInput, cls), {})
-    twin = copy.copy(norm)
-    twin.__class__ = _RECORDER_CLASSES[cls]
-    twin.agentsd_block = block
-    return twin
+    """A twin of ``norm`` that records its input for ``block``: the object ComfyUI patches in
+    (:func:`~agentsd.comfy_patch.twins.twin`)."""
+    return twin(norm, _RecordsInput, block)
