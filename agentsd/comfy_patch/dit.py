@@ -100,7 +100,8 @@ def apply_dit(model: Any, config: AgentSDConfig, family: str) -> Any:
 
 
 def describe(state: DiTState, family: str, sites: list[BlockSite]) -> str:
-    """One line: which blocks run what, in which span of the schedule (t = 1000 sigma, as diffusers' flow schedulers count)."""
+    """One line: which blocks run what, in which span of the schedule (t = 1000 sigma, as diffusers'
+    flow-matching schedulers count)."""
     kinds: dict[str, int] = {}
     for site in sites:
         kinds[site.name.split(".")[0]] = kinds.get(site.name.split(".")[0], 0) + 1

@@ -278,7 +278,8 @@ class DiTBlock:
         valid: int,
         precision: Any,
     ) -> torch.Tensor:
-        """[B, text + M, C]: image rows through the agents, text rows exact (:func:`agentsd.attention.joint_attention`)."""
+        """[B, text + M, C]: image rows through the agents, text rows exact
+        (:func:`agentsd.attention.joint_attention`)."""
         if not per_head:  # [B, rows, C], or [B, rows, heads, d] (SD3's values)
             q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(1, 2) for t in (q, k, v))
         settings = self.model.agents
