@@ -105,7 +105,7 @@ def describe(state: DiTState, family: str, sites: list[BlockSite]) -> str:
     kinds: dict[str, int] = {}
     for site in sites:
         kinds[site.name.split(".")[0]] = kinds.get(site.name.split(".")[0], 0) + 1
-    blocks = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+    blocks = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in kinds.items())
     spans = phase_spans(state.config.phases, 1000)
     phases = "; ".join(f"{span}: {phase.describe()}" for span, phase in zip(spans, state.config.phases))
     return f"{family}, {blocks}; {phases}"
