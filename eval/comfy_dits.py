@@ -187,3 +187,36 @@ def twin_call(
         return x - sigma * out
 
     return call
+
+
+#: What the speed script times on a diffusion transformer: ComfyUI unpatched and the node in each of its
+#: two phases, and the diffusers twin likewise (the same weights, so the two ratios compare).
+DIT_METHODS = ("comfyui", "agentsd-agents", "agentsd-tome", "diffusers", "diffusers-agents", "diffusers-tome")
+
+#: The sigma of each method's call: the recipe's agent phase covers sigma >= 0.6.
+PHASE_SIGMAS = {"agents": 0.9, "tome": 0.3}
+
+
+def dit_calls(kind: str, model: Any, twin: torch.nn.Module, x: torch.Tensor, ratio: float, methods: tuple[str, ...]):
+    """Each method's call on latent ``x``, made on first use (loading a ComfyUI clone unloads the last one)."""
+    import copy
+
+    import agentsd
+    from agentsd.comfy_patch import apply_agentsd
+
+    context, pooled = conditioning(model, x.shape[0])
+    context, pooled = context.to(x), pooled.to(x)
+    patched = apply_agentsd(model, agentsd.AgentSDConfig(ratio=ratio)) if any("agents" in m for m in methods) else None
+    patched_twin = None
+    if any(m.startswith("diffusers-") for m in methods):
+        patched_twin = copy.deepcopy(twin)
+        agentsd.apply_patch(patched_twin, ratio=ratio)
+
+    def make(method: str):
+        engine, _, phase = method.partition("-")
+        sigma = PHASE_SIGMAS.get(phase, PHASE_SIGMAS["agents"])
+        if engine == "diffusers":
+            return twin_call(patched_twin if phase else twin, kind, x, sigma, context, pooled)
+        return model_call(patched if phase else model.clone(), x, sigma, context, pooled)
+
+    return make

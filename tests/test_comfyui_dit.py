@@ -241,3 +241,16 @@ def test_example_workflows_run_in_comfys_prompt_executor(
     assert ": phase 0, agent attention" in caplog.text and ": phase 1, ToMe" in caplog.text
     saved = [image for output in executor.history_result["outputs"].values() for image in output.get("images", [])]
     assert len(saved) == 1 and Path(engine, saved[0]["subfolder"], saved[0]["filename"]).is_file()
+
+
+def test_speed_script_times_the_dit_methods_interleaved(capsys) -> None:
+    import comfyui_speed
+
+    results = comfyui_speed.main(
+        ["--model", "flux", "--layout", "tiny", "--resolutions", "128", "--warmup", "0", "--repeats", "1"]
+    )
+    assert {method: len(seconds) for method, seconds in results[128].items()} == dict.fromkeys(
+        comfy_dits.DIT_METHODS, 1
+    )
+    out = capsys.readouterr().out
+    assert "| method @ 128 px | s/forward | vs comfyui / diffusers |" in out and "| agentsd-agents |" in out
