@@ -73,6 +73,18 @@ def noise_level(model_sampling: Any, timestep: float) -> float:
     return float(edm_noise_level(torch.tensor(timestep)))
 
 
+def phase_of_call(config: AgentSDConfig, model_sampling: Any, timestep: torch.Tensor) -> tuple[int, Phase]:
+    """The index and phase of the model call given ``timestep`` (0-d: what the model's sampling made of
+    its sigma); one host read. Logged at DEBUG level."""
+    value = float(timestep)
+    level = noise_level(model_sampling, value)
+    index = phase_index(config.phases, level)
+    phase = config.phases[index]
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("agentsd: timestep %g, noise level %.3f: phase %d, %s", value, level, index, phase.describe())
+    return index, phase
+
+
 @dataclass(frozen=True)
 class BlockRun:
     """What a block did at its last call: the phase's index, and whether it merged and used agents."""
@@ -243,26 +255,17 @@ class ModelState:
             self.call_marker = shape
             sampling, sigmas = self.base_model.model_sampling, extra.get("sigmas")
             if sigmas is None:  # called outside ComfyUI's samplers: no noise level, so the cleanest phase
-                timestep, value, level = torch.zeros((), device=n.device), 0.0, 0.0
+                timestep = torch.zeros((), device=n.device)
+                self.phase_index = phase_index(self.config.phases, 0.0)
+                self.phase = self.config.phases[self.phase_index]
             else:
                 timestep = sampling.timestep(sigmas.flatten()[:1]).to(device=n.device, dtype=torch.float32)[0]
-                value = float(timestep)  # one host read per UNet call
-                level = noise_level(sampling, value)
-            self.phase_index = phase_index(self.config.phases, level)
-            self.phase = self.config.phases[self.phase_index]
+                self.phase_index, self.phase = phase_of_call(self.config, sampling, timestep)
             self.timestep = timestep
             self.latent_size = (shape[-2], shape[-1])
             # As in the diffusers adapter: an odd batch cannot hold whole (cond, uncond) pairs.
             use_rand = self.config.use_rand and n.shape[0] % 2 == 0
             self.keys = draw_keys(self.config.seed, timestep, len(self.blocks)) if use_rand else None
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "agentsd: timestep %g, noise level %.3f: phase %d, %s",
-                    value,
-                    level,
-                    self.phase_index,
-                    self.phase.describe(),
-                )
         return self.phase, self.phase_index
 
     def grid(self, downsample: int) -> tuple[int, int]:

@@ -41,8 +41,7 @@ from ..attention import AgentSettings, Stream, agent_attention, joint_attention
 from ..config import AgentSDConfig, Phase
 from ..layout import draw_keys
 from ..merge import MergePlan, make_layout, make_plan
-from ..schedule import phase_index
-from .blocks import BlockRun, noise_level
+from .blocks import BlockRun, phase_of_call
 
 logger = logging.getLogger("agentsd")
 
@@ -96,21 +95,10 @@ class DiTState:
         """This call's phase, token grid and random keys, from latent ``x`` [B, C, H, W] and its sigmas."""
         sampling = self.base_model.model_sampling
         timestep = sampling.timestep(sigma.flatten()[:1]).float().to(x.device)[0]  # what the model is given
-        value = float(timestep)  # one host read per model call
-        level = noise_level(sampling, value)
-        self.phase_index = phase_index(self.config.phases, level)
-        self.phase = self.config.phases[self.phase_index]
+        self.phase_index, self.phase = phase_of_call(self.config, sampling, timestep)
         self.grid = (math.ceil(x.shape[-2] / self.patch_size), math.ceil(x.shape[-1] / self.patch_size))
         use_rand = self.config.use_rand and (x.shape[0] % 2 == 0 or not self.guidance_batch)
         self.keys = draw_keys(self.config.seed, timestep, len(self.blocks)) if use_rand else None
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "agentsd: timestep %g, noise level %.3f: phase %d, %s",
-                value,
-                level,
-                self.phase_index,
-                self.phase.describe(),
-            )
 
     def unmerged_because(self, reason: str) -> None:
         """Say once, in the console, why blocks run unmerged."""
