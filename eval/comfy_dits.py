@@ -6,8 +6,8 @@ hold the same weights. SD3 goes through ComfyUI's loader, which detects it from 
 size. ComfyUI's Flux detection fixes the width (24 heads of 128), so a narrower Flux (``tiny``) is
 built from ComfyUI's own Flux schnell configuration instead, as its loader would build it.
 
-Layouts: ``tiny`` for tests (milliseconds a call); ``sd3.5-medium`` and ``flux`` are full width with
-fewer blocks, for speed (``blocks`` sets how many).
+Layouts: ``tiny`` for tests (milliseconds a call); ``full``, for speed: SD3.5 Medium itself, and Flux at
+full width with fewer blocks (``double``, ``single``).
 """
 
 from __future__ import annotations
@@ -20,24 +20,29 @@ import torch
 TEXT_TOKENS = 8
 
 
-def sd3_config(layout: str, blocks: int = 2) -> dict[str, Any]:
-    """Constructor arguments of diffusers' ``SD3Transformer2DModel``: SD3.5-shaped (qk-norm, the first
-    blocks with the second, image-only attention), ``tiny`` (2 heads of 64) or Medium's width (24 heads)."""
+def sd3_config(layout: str) -> dict[str, Any]:
+    """Constructor arguments of diffusers' ``SD3Transformer2DModel``, SD3.5-shaped (qk-norm, the second,
+    image-only attention in the first blocks): ``tiny`` (2 blocks of 2 heads of 64, the first with the
+    second attention) or SD3.5 Medium's own (24 blocks of 24 heads, the second attention in blocks 0-12).
+
+    ComfyUI reads an MMDiT's depth from its width (64 per head) and takes its last block as the one whose
+    text stream ends early (``context_pre_only``), so its key map only loads an MMDiT with as many blocks
+    as heads: no full-width SD3 with fewer blocks.
+    """
     heads = 2 if layout == "tiny" else 24
-    width = 64 * heads
     return dict(
         sample_size=32 if layout == "tiny" else 128,
         patch_size=2,
         in_channels=16,
-        num_layers=blocks,
+        num_layers=heads,
         attention_head_dim=64,
         num_attention_heads=heads,
         joint_attention_dim=64 if layout == "tiny" else 4096,
-        caption_projection_dim=width,
+        caption_projection_dim=64 * heads,
         pooled_projection_dim=32 if layout == "tiny" else 2048,
         out_channels=16,
         pos_embed_max_size=32 if layout == "tiny" else 384,
-        dual_attention_layers=tuple(range(blocks // 2 if layout != "tiny" else 1)),
+        dual_attention_layers=(0,) if layout == "tiny" else tuple(range(13)),
         qk_norm="rms_norm",
     )
 
@@ -78,7 +83,7 @@ def random_dit(
 ) -> tuple[Any, torch.nn.Module]:
     """(ComfyUI model, diffusers twin) of ``kind`` ``"sd3"`` or ``"flux"`` with the same seeded weights.
 
-    ``blocks``: ``blocks=`` for SD3, ``double=`` and ``single=`` for Flux.
+    ``blocks``: Flux's ``double=`` and ``single=``.
     """
     import comfy.model_detection
     import comfy.model_management

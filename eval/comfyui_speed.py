@@ -6,11 +6,11 @@ Run, with the package and the ComfyUI engine installed (README: the test command
     python eval/comfyui_speed.py --attention comfyui              # ComfyUI's own choice of attention
     python eval/comfyui_speed.py --resolutions 1024 2048 --device cuda --dtype float16
     python eval/comfyui_speed.py --model flux --blocks 2 4 --device cuda --dtype bfloat16 --batch 1
-    python eval/comfyui_speed.py --model sd3.5-medium --blocks 6 --device cuda --dtype bfloat16
+    python eval/comfyui_speed.py --model sd3.5-medium --device cuda --dtype bfloat16
 
-``--model sd3.5-medium`` and ``--model flux`` are ComfyUI's SD3 and Flux models at full width
-(SD3.5 Medium's 24 heads, half its blocks with the second attention; Flux's 24 heads of 128) with
-``--blocks`` blocks (Flux: double, single), random weights, beside their diffusers twins with the same
+``--model sd3.5-medium`` is ComfyUI's SD3 model in SD3.5 Medium's layout (its key map loads no
+full-width MMDiT with fewer blocks), ``--model flux`` its Flux at full width (24 heads of 128) with
+``--blocks`` double and single blocks; random weights, beside their diffusers twins with the same
 weights (eval/comfy_dits.py). Their methods (``comfy_dits.DIT_METHODS``) are the unpatched model and the
 node's recipe in each phase (``agentsd-agents`` at sigma 0.9, ``agentsd-tome`` at 0.3), and the diffusers
 patch likewise, so that the node's ratios and the diffusers patch's are measured on one machine.
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024], help="image sizes in pixels (square)")
     parser.add_argument("--methods", nargs="+", choices=METHODS + comfy_dits.DIT_METHODS, help="methods to time")
     parser.add_argument("--model", choices=("sd1.5", "sd3.5-medium", "flux"), default="sd1.5", help="model family")
-    parser.add_argument("--blocks", type=int, nargs="+", default=None, help="DiT blocks (Flux: double single)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None, help="Flux's double and single blocks")
     parser.add_argument("--ratio", type=float, default=0.4, help="merge ratio of ToMe and AgentSD")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (the guidance pair of one image)")
     parser.add_argument("--timestep", type=int, default=981, help="timestep of the timed forwards")
@@ -195,8 +195,7 @@ def time_dit(args: argparse.Namespace, device: torch.device) -> dict[int, dict[s
     """The DiT methods at each resolution: one forward each, interleaved as for UNets."""
     kind = "flux" if args.model == "flux" else "sd3"
     layout = "tiny" if args.layout == "tiny" else "full"
-    blocks = args.blocks or ([1, 1] if kind == "flux" else [2])
-    sizes = dict(zip(("double", "single"), blocks)) if kind == "flux" else {"blocks": blocks[0]}
+    sizes = dict(zip(("double", "single"), args.blocks or [1, 1])) if kind == "flux" else {}
     model, twin = comfy_dits.random_dit(kind, layout, dtype=DTYPES[args.dtype], **sizes)
     twin.to(device)
     methods = tuple(args.methods or comfy_dits.DIT_METHODS)

