@@ -117,11 +117,8 @@ def stage_by_noise_level(
 stage_in_region = torch.compiler.nested_compile_region(stage_by_noise_level)
 
 
-def traced_stage(num_phases: int, on_cuda: bool, shared: bool = True) -> Callable[..., torch.Tensor]:
+def traced_stage(num_phases: int, on_cuda: bool) -> Callable[..., torch.Tensor]:
     """The traced stage runner for a call choosing among ``num_phases`` phases on a CUDA device or not.
-
-    ``shared``: whether the stage's code is the same in every block of its level (a block built
-    otherwise, such as SD3's last block, whose attention has no text output, is traced on its own).
 
     The one place the graph depends on the device. On CUDA a ``torch.cond`` stays at the top of the
     graph, where inductor sees it and runs the graph without CUDA graphs (``mode="reduce-overhead"``;
@@ -129,6 +126,4 @@ def traced_stage(num_phases: int, on_cuda: bool, shared: bool = True) -> Callabl
     of its predicate, in a CUDA graph. One phase has no cond, and its regions are what CUDA graphs
     capture. Elsewhere the region (one trace for all the blocks of a level) is always used.
     """
-    if not shared:
-        return stage_by_noise_level
     return stage_in_region if num_phases == 1 or not on_cuda else stage_by_noise_level

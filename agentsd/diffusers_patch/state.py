@@ -257,9 +257,12 @@ class BlockState:
             return call.output(plan, x)
         phases = tuple(astuple(phase) for phase in (self.config.phases if unet.phase is None else (unet.phase,)))
         level = unet.rule.level_on_device(unet.timestep)
-        traced_stage = block_runner.traced_stage(
-            len(phases), x.is_cuda, not getattr(call.module, "context_pre_only", False)
-        )
+        # A block built unlike the others of its level (SD3's last, whose attention has no text output)
+        # cannot share their compile region: it is traced on its own.
+        if getattr(call.module, "context_pre_only", False):
+            traced_stage = block_runner.stage_by_noise_level
+        else:
+            traced_stage = block_runner.traced_stage(len(phases), x.is_cuda)
         return traced_stage(call, x, self.metric, self.random_key(), level, self.grid(), phases)
 
     def record(self, call: StageCall | JointCall, plan: MergePlan | None, x: torch.Tensor) -> None:
