@@ -6,20 +6,27 @@
     python benchmarks/block.py --device cuda --dtype float16 --resolution 512 --repeats 20 \
         --compiler-mode reduce-overhead --methods sd todo agent-phase ceiling --profile 12   # where a GPU's time goes
 
+    python benchmarks/block.py --arch flux --block single_transformer_blocks.0 --resolution 1024 \
+        --modes eager --repeats 3 --methods sd todo agent-phase tome-phase ceiling   # one full-width Flux block
+
 A whole-UNet forward mixes the blocks that merging speeds up with convolutions and unmerged levels,
 so its ratios move with everything else. This times the one block that the ratio is about: the
 first transformer block of the SD 1.5 UNet's top level (dim 320; 4,096 / 9,216 / 16,384 / 65,536
 tokens at 512 / 768 / 1024 / 2048 px) by default, eager and compiled
 (``torch.compile(block, fullgraph=True, dynamic=False)``, without ``fullgraph`` where it fails:
-tomesd), the methods in turn, order reversed every round. "of the way" is how far the block gets
-from the plain one towards the ceiling (its self-attention for free): (plain - method) / (plain -
-ceiling), per mode.
+tomesd), the methods in turn, order reversed every round. ``--arch`` also takes the diffusion
+transformers of ``eval/transformer_configs.py`` (``sd35-medium``, ``pixart-sigma``, ``flux``: full width,
+one double- and one single-stream block), whose every block sees every image token: the default is
+the first block, ``--block`` picks another (``single_transformer_blocks.0`` for Flux's single stream),
+the inputs are eval/speed.py's for that model (SD3 and PixArt a guided pair, Flux one row). "of the
+way" is how far the block gets from the plain one towards the ceiling (its self-attention for free):
+(plain - method) / (plain - ceiling), per mode.
 
 Each method has its own twin of the UNet (``measure.twin``: same weights), applied as
 ``eval/methods.py`` applies it; ``--agentsd KNOBS`` adds AgentSD with one fixed phase of those
 knobs (``sx``, ``sy``, ``agent_ratio``, ``ratio``, ``max_downsample``, ...: ``agentsd.AgentSDConfig``).
-The block's input is captured once, from the plain UNet's forward at t = 981 (eval/speed.py's
-inputs), which stops at the block; each method's UNet forward is then started and stopped at its
+The block's input is captured once, from the plain model's forward at t = 981 (eval/speed.py's
+inputs), which stops at the block; each method's forward is then started and stopped at its
 first layer, which sets its patch's per-call state (phase, grid layouts, latent size). So no whole
 forward runs (a 2048 px SD 1.5 forward is about 11 min on 2 CPU cores): for the top level's first
 block the input is every method's own; for a later block (``--block``) it is the plain UNet's,
@@ -50,6 +57,7 @@ import measure  # noqa: E402
 import methods as registry  # noqa: E402
 import timing  # noqa: E402
 import workloads  # noqa: E402
+from transformer_configs import TRANSFORMER_ARCHS  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 import agentsd  # noqa: E402
@@ -76,6 +84,12 @@ def run_until(module: torch.nn.Module, forward: Callable[[], Any]) -> tuple[tupl
     finally:
         handle.remove()
     return seen["args"], seen["kwargs"]
+
+
+def first_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The first layer ``model``'s forward runs, after its patches' per-call hooks: a UNet's ``conv_in``,
+    Flux's ``x_embedder``, SD3's and PixArt's ``pos_embed``."""
+    return next(getattr(model, name) for name in ("conv_in", "x_embedder", "pos_embed") if hasattr(model, name))
 
 
 def agentsd_knobs(text: str) -> dict[str, Any]:
@@ -139,12 +153,13 @@ def print_profile(label: str, call: Callable[[], Any], device: torch.device, row
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
+    parser.add_argument("--arch", choices=sorted({**ARCHS, **TRANSFORMER_ARCHS}), default="sd15")
     parser.add_argument(
         "--block",
         default=None,
-        help="the block's path in the UNet (default: the first one AgentSD patches by default, the top "
-        "attention level's first: down_blocks.0... on SD 1.x/2.x, down_blocks.1... on SDXL)",
+        help="the block's path in the model (default: the first one AgentSD patches by default, the top "
+        "attention level's first: down_blocks.0... on SD 1.x/2.x, down_blocks.1... on SDXL; a diffusion "
+        "transformer's first block, transformer_blocks.0)",
     )
     parser.add_argument("--resolution", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=5)
@@ -178,11 +193,21 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    unet = ARCHS[args.arch].build_unet(device=device, dtype=getattr(torch, args.dtype)).eval()
-    if args.block is None:
-        args.block = agentsd.select_blocks(unet)[0].name  # the first of AgentSD's default blocks
-    # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
-    workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
+    dtype = getattr(torch, args.dtype)
+    transformer = TRANSFORMER_ARCHS.get(args.arch)
+    if transformer is None:
+        unet = ARCHS[args.arch].build_unet(device=device, dtype=dtype).eval()
+        # eval/speed.py's UNet forward: seeded latents and text embeddings, batch 2, t = 981.
+        workload = workloads.unet_workload(unet, args.resolution, vae_factor=8, batch=2, timestep=981)
+    else:
+        unet = transformer.build(device, dtype)
+        # eval/speed.py's forward of this model: its pipeline's inputs for one image, t = 981.
+        workload = workloads.transformer_workload(unet, transformer, args.resolution, batch=2, timestep=981)
+    args.block = args.block or agentsd.select_blocks(unet)[0].name  # the first of AgentSD's default blocks
+    names = [name for name, _ in unet.named_modules()]
+    if args.block not in names:
+        blocks = [name for name in names if name.endswith(tuple(f"blocks.{i}" for i in range(10)))]
+        parser.error(f"argument --block: {args.block!r} is not a module of {args.arch}; e.g. {', '.join(blocks[:6])}")
 
     def registered(name: str) -> Callable[[Any], Any]:
         method = registry.METHODS[name]
@@ -199,12 +224,15 @@ def main() -> None:
     with ExitStack() as applied, torch.inference_mode():
         for index, (name, apply) in enumerate(variants.items()):
             twin = measure.twin(unet)
-            applied.enter_context(apply(twin))
+            try:
+                applied.enter_context(apply(twin))
+            except (TypeError, ValueError) as error:  # a method that refuses this model, before any timing
+                parser.error(f"argument --methods: {name} on {args.arch}: {error}")
             block = twin.get_submodule(args.block)
             if index == 0:  # sd: the block's input, from the plain UNet
                 block_args, block_kwargs = run_until(block, lambda twin=twin: workload.call(twin, False))
             else:  # the patch's per-call state, from its own UNet's call
-                run_until(twin.conv_in, lambda twin=twin: workload.call(twin, False))
+                run_until(first_layer(twin), lambda twin=twin: workload.call(twin, False))
             calls[name] = {}
             if "eager" in args.modes:
                 calls[name]["eager"] = functools.partial(block, *block_args, **block_kwargs)
@@ -236,7 +264,8 @@ def main() -> None:
     setting = f"{args.device} {args.dtype}" + (
         f", compiled with mode {args.compiler_mode}" if args.compiler_mode else ""
     )
-    where = f"{args.arch} `{args.block}` at {args.resolution} px, batch 2, {setting}"
+    batch = 2 if transformer is None or transformer.guided else 1
+    where = f"{args.arch} `{args.block}` at {args.resolution} px, batch {batch}, {setting}"
     print(f"\n{where}, ms per call, median of {args.repeats}:")
     print("| method | " + " | ".join(f"{mode} | of the way" for mode in args.modes) + " |")
     print("|---|" + "---|---|" * len(args.modes))

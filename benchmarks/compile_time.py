@@ -1,4 +1,4 @@
-"""How long torch.compile takes on a patched UNet against the unpatched one (issue 18.7).
+"""How long torch.compile takes on a patched UNet against the unpatched one.
 
     python benchmarks/compile_time.py                        # tiny SD 1.x and SDXL UNets of the tests
     python benchmarks/compile_time.py --unets sd15 sdxl      # full-size architectures, random weights

@@ -1,10 +1,19 @@
-"""Speed of the AgentSD node inside ComfyUI: one UNet forward, unpatched vs ComfyUI's ToMe vs AgentSD.
+"""Speed of the AgentSD node inside ComfyUI: one model forward, unpatched vs ComfyUI's ToMe vs AgentSD.
 
 Run, with the package and the ComfyUI engine installed (README: the test command's installs)::
 
     python eval/comfyui_speed.py                              # SD 1.5 layout, 1024 px, CPU fp32, batch 2
     python eval/comfyui_speed.py --attention comfyui              # ComfyUI's own choice of attention
     python eval/comfyui_speed.py --resolutions 1024 2048 --device cuda --dtype float16
+    python eval/comfyui_speed.py --model flux --blocks 2 4 --device cuda --dtype bfloat16 --batch 1
+    python eval/comfyui_speed.py --model sd3.5-medium --device cuda --dtype bfloat16
+
+``--model sd3.5-medium`` is ComfyUI's SD3 model in SD3.5 Medium's layout (its key map loads no
+full-width MMDiT with fewer blocks), ``--model flux`` its Flux at full width (24 heads of 128) with
+``--blocks`` double and single blocks; random weights, beside their diffusers twins with the same
+weights (eval/comfy_dits.py). Their methods (``comfy_dits.DIT_METHODS``) are the unpatched model and the
+node's recipe in each phase (``agentsd-agents`` at sigma 0.9, ``agentsd-tome`` at 0.3), and the diffusers
+patch likewise, so that the node's ratios and the diffusers patch's are measured on one machine.
 
 The model is ComfyUI's own SD 1.5 UNet (the full layout, random weights, loaded through ComfyUI's
 UNet loader); each method is a model patch on a clone of it, applied by its node's own code:
@@ -30,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import comfy_dits  # noqa: E402
 import comfy_engine  # noqa: E402
 import timing  # noqa: E402
 import torch  # noqa: E402
@@ -42,7 +52,9 @@ WHO = "comfyui_speed"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024], help="image sizes in pixels (square)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to time")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + comfy_dits.DIT_METHODS, help="methods to time")
+    parser.add_argument("--model", choices=("sd1.5", "sd3.5-medium", "flux"), default="sd1.5", help="model family")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None, help="Flux's double and single blocks")
     parser.add_argument("--ratio", type=float, default=0.4, help="merge ratio of ToMe and AgentSD")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (the guidance pair of one image)")
     parser.add_argument("--timestep", type=int, default=981, help="timestep of the timed forwards")
@@ -58,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "runs it); comfyui is what ComfyUI picks for the device (sub-quadratic attention on the CPU)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--layout", choices=tuple(comfy_engine.SD15_LAYOUTS), default="full", help="UNet layout")
+    parser.add_argument(
+        "--layout",
+        choices=(*comfy_engine.SD15_LAYOUTS, "tiny"),
+        default="full",
+        help="UNet layout (DiTs: tiny or full)",
+    )
     return parser
 
 
@@ -93,28 +110,45 @@ def patched_models(model: Any, methods: Sequence[str], ratio: float) -> dict[str
 def time_resolution(
     models: dict[str, Any], resolution: int, args: argparse.Namespace, device: torch.device
 ) -> dict[str, list[float]]:
-    """Seconds per forward of each method at ``resolution``: ``args.repeats`` interleaved calls each."""
+    """Seconds per UNet forward of each method at ``resolution``: ``args.repeats`` interleaved calls each."""
     generator = torch.Generator().manual_seed(0)
     dtype = DTYPES[args.dtype]
     side = resolution // 8
     x = torch.randn(args.batch, 4, side, side, generator=generator).to(device, dtype)
     width = next(iter(models.values())).model.model_config.unet_config["context_dim"]
     context = torch.randn(args.batch, 77, width, generator=generator).to(device, dtype)
-    seconds: dict[str, list[float]] = {method: [] for method in models}
+
+    def make(method: str) -> Callable[[], torch.Tensor]:
+        return comfy_engine.unet_call(models[method], x, context, args.timestep)
+
+    return interleaved(tuple(models), make, resolution, args, device)
+
+
+def interleaved(
+    methods: Sequence[str],
+    make: Callable[[str], Callable[[], torch.Tensor]],
+    resolution: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Seconds per call of each method (``make(method)`` gives its call, ready to run), ``args.warmup``
+    untimed calls each, then ``args.repeats`` rounds in alternating order, so that a drift of the machine
+    hits every method alike."""
+    seconds: dict[str, list[float]] = {method: [] for method in methods}
     calls: dict[str, Callable[[], torch.Tensor]] = {}
 
     def run(method: str) -> float:
-        if method not in calls:  # loading a clone unloads the previous one: one call object at a time
+        if method not in calls:  # loading a ComfyUI clone unloads the previous one: one call object at a time
             calls.clear()
-            calls[method] = comfy_engine.unet_call(models[method], x, context, args.timestep)
+            calls[method] = make(method)
         return timing.timed(calls[method], device)
 
-    for method in models:
+    for method in methods:
         for _ in range(args.warmup):
             run(method)
     timing.warn_if_busy(WHO, f"before the timed calls at {resolution} px")
     for repeat in range(args.repeats):
-        order = list(models) if repeat % 2 == 0 else list(reversed(models))
+        order = list(methods) if repeat % 2 == 0 else list(reversed(methods))
         for method in order:
             seconds[method].append(run(method))
             print(f"  {resolution} px, repeat {repeat + 1}: {method} {seconds[method][-1]:.2f} s", flush=True)
@@ -122,13 +156,15 @@ def time_resolution(
     return seconds
 
 
-def report(resolution: int, seconds: dict[str, list[float]]) -> list[str]:
-    """Markdown rows: method, median s/forward (min-max), speed-up over the unpatched model."""
-    base = statistics.median(seconds["comfyui"]) if "comfyui" in seconds else None
-    rows = [f"| method @ {resolution} px | s/forward | vs comfyui |", "|---|---|---|"]
+def report(resolution: int, seconds: dict[str, list[float]], bases: tuple[str, ...] = ("comfyui",)) -> list[str]:
+    """Markdown rows: method, median s/forward (min-max), speed-up over its engine's unpatched model
+    (``bases``: the unpatched methods; ``diffusers`` is the base of the diffusers methods, the first the others')."""
+    rows = [f"| method @ {resolution} px | s/forward | vs {' / '.join(bases)} |", "|---|---|---|"]
     for method, values in seconds.items():
         median = statistics.median(values)
-        speedup = f"{base / median:.2f}x" if base else "-"
+        base = "diffusers" if method.startswith("diffusers") and "diffusers" in bases else bases[0]
+        base = base if base in seconds else None
+        speedup = f"{statistics.median(seconds[base]) / median:.2f}x" if base else "-"
         rows.append(f"| {method} | {median:.2f} ({min(values):.2f}-{max(values):.2f}) | {speedup} |")
     return rows
 
@@ -144,12 +180,34 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, list[float]]]
     comfy_engine.load_engine(cpu=args.device == "cpu", pytorch_attention=args.attention == "pytorch")
     device = torch.device(args.device)
     timing.warn_if_busy(WHO, "before the model is built")
+    if args.model != "sd1.5":
+        return time_dit(args, device)
     model = comfy_engine.random_sd15(args.layout, seed=0, dtype=DTYPES[args.dtype])
-    models = patched_models(model, args.methods, args.ratio)
+    models = patched_models(model, args.methods or METHODS, args.ratio)
     results = {}
     for resolution in args.resolutions:
         results[resolution] = time_resolution(models, resolution, args, device)
         print("\n".join(report(resolution, results[resolution])), flush=True)
+    return results
+
+
+def time_dit(args: argparse.Namespace, device: torch.device) -> dict[int, dict[str, list[float]]]:
+    """The DiT methods at each resolution: one forward each, interleaved as for UNets."""
+    kind = "flux" if args.model == "flux" else "sd3"
+    layout = "tiny" if args.layout == "tiny" else "full"
+    sizes = dict(zip(("double", "single"), args.blocks or [1, 1])) if kind == "flux" else {}
+    model, twin = comfy_dits.random_dit(kind, layout, dtype=DTYPES[args.dtype], **sizes)
+    twin.to(device)
+    methods = tuple(args.methods or comfy_dits.DIT_METHODS)
+    results = {}
+    for resolution in args.resolutions:
+        side = resolution // 8
+        x = torch.randn(args.batch, 16, side, side, generator=torch.Generator().manual_seed(0)).to(
+            device, DTYPES[args.dtype]
+        )
+        make = comfy_dits.dit_calls(kind, model, twin, x, args.ratio, methods)
+        results[resolution] = interleaved(methods, make, resolution, args, device)
+        print("\n".join(report(resolution, results[resolution], ("comfyui", "diffusers"))), flush=True)
     return results
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from settings import SpeedSettings  # isort: skip
-from suites import PlannedRun, timed_in  # isort: skip
+from settings import PlannedRun, SpeedSettings  # isort: skip
+from suites import timed_in  # isort: skip
 from workloads import REFERENCE_THREADS, call_forwards, cost_model_for  # isort: skip
 
 #: A first call this many times slower than the reference's says the machine is slower or busy.

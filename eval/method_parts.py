@@ -54,6 +54,14 @@ def _top(target: Any) -> int:
     return agentsd.top_attention_downsample(target)
 
 
+def _transformer(target: Any) -> torch.nn.Module | None:
+    """The diffusion transformer (SD3, Flux, PixArt) of ``target``, as AgentSD finds it; ``None`` for a UNet."""
+    from agentsd.diffusers_patch.backbones import backbone_of, find_backbone
+
+    model = find_backbone(target)
+    return None if backbone_of(model).family == "UNet" else model
+
+
 def _require_pipeline(target: Any, method: str, *classes: str) -> None:
     """Refuse, before any change, a target that is not one of the diffusers pipeline ``classes``."""
     import diffusers
@@ -136,6 +144,8 @@ class Part:
 
 
 def _tomesd(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    if (transformer := _transformer(target)) is not None:
+        raise TypeError(f"tomesd patches a UNet's transformer blocks; {type(transformer).__name__} is not a UNet")
     import tomesd
 
     tomesd.apply_patch(target, ratio=ratio, max_downsample=_top(target))
@@ -258,6 +268,16 @@ def _todo_factors(target: Any, options: MethodOptions) -> dict[int, float]:
 
 
 def _todo(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    if _transformer(target) is not None:
+        if options.todo_max_depth != 1:
+            raise ValueError(
+                "--todo-max-depth 2 also downsamples a UNet's second level; a diffusion transformer has one"
+            )
+        import todo_dit
+
+        return todo_dit.apply_todo_dit(
+            target, options.todo_factor, stop_after=options.todo_stop_after, mode=options.todo_mode
+        )
     import todo
 
     return todo.apply_todo(
@@ -274,7 +294,7 @@ TODO = Part(
             **({"factor_2": options.todo_factor_2} if options.todo_max_depth == 2 else {}),
             "stop_after": options.todo_stop_after,
             "mode": options.todo_mode,
-            "levels": "from the top attention level",
+            "levels": "from the top attention level (a diffusion transformer: every block's image attention)",
         }
     },
     tidy=False,  # its remove is exact (tests/test_todo.py)
@@ -317,19 +337,32 @@ HIDIFFUSION = Part(
 
 
 class SkipAttention:
-    """An attention processor that costs nothing: zeros of its input's shape (``ceiling`` only)."""
+    """An attention processor that costs nothing (``ceiling`` only): zeros of its input's shape; for a joint
+    attention layer (SD3's, Flux's double-stream: projections of their own for the text), zeros of the
+    image and of the text tokens' shapes, the pair such a layer returns."""
 
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is not None and getattr(attn, "added_kv_proj_dim", None) is not None:
+            return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
         return torch.zeros_like(hidden_states)
 
 
 def _ceiling(target: Any, ratio: float | None, seed: int, options: MethodOptions) -> Remove:
+    from todo import image_attentions
+
     import agentsd
 
-    unet = _unet(target)
-    # AgentSD's default block selection, the blocks its apply_patch patches.
-    sites = agentsd.select_blocks(unet, max_downsample=agentsd.AgentSDConfig().max_downsample)
-    attns = [site.module.attn1 for site in sites]
+    # AgentSD's default block selection, the blocks its apply_patch patches (every block of a diffusion
+    # transformer); in each, the attention over the image tokens, whole (a joint layer's text rows too).
+    sites = agentsd.select_blocks(target, max_downsample=agentsd.AgentSDConfig().max_downsample)
+    attns = [attn for site in sites for attn, _ in image_attentions(site.module)]
     originals = [attn.processor for attn in attns]
     for attn in attns:
         attn.set_processor(SkipAttention())
@@ -341,4 +374,12 @@ def _ceiling(target: Any, ratio: float | None, seed: int, options: MethodOptions
     return remove
 
 
-CEILING = Part(_ceiling, lambda ratio, options: {"ceiling": {"attn1": "zeros", "blocks": "agentsd default"}})
+CEILING = Part(
+    _ceiling,
+    lambda ratio, options: {
+        "ceiling": {
+            "attn1": "zeros",
+            "blocks": "agentsd default (a diffusion transformer: every block's image attention)",
+        }
+    },
+)

@@ -24,7 +24,7 @@ and one or more *parts*, each one library's patch with its apply and its remove.
 calls the pipeline as the method needs it called: ``pipe(**kw)``, or ``pipe.tgate(**kw, gate_step=...)``
 for T-GATE and ``pipe.call(**kw)`` for CA-ToMe, whose libraries bring their own denoising loops.
 
-The methods, as ``speed.py`` and ``fid.py`` ran the first five before this module:
+The methods:
 
 * ``sd``: nothing; the baseline every speed-up and fidelity score is relative to.
 * ``tomesd``: ``tomesd.apply_patch(target, ratio=ratio, max_downsample=top)``, ``top`` being
@@ -283,6 +283,7 @@ METHODS: dict[str, Method] = _registry(
         "ToDo: attn1 keys and values from the token grid downsampled at the top attention level (--todo-*)",
         uses_ratio=False,
         parts=(TODO,),
+        transformers=True,
     ),
     Method(
         "hidiffusion",
@@ -309,6 +310,7 @@ METHODS: dict[str, Method] = _registry(
         uses_ratio=False,
         timing_only=True,
         parts=(CEILING,),
+        transformers=True,
     ),
 )
 BASELINE = METHODS["sd"]

@@ -1,7 +1,9 @@
 """The settings of one eval/speed.py run, checked: what ``speed.parse_args`` makes of the flags.
 
-An explicit, frozen record instead of the argparse namespace: every part of the harness reads the
-same names, and a suite's run that times fewer calls gets its own copy (:meth:`SpeedSettings.for_run`).
+Explicit, frozen records instead of the argparse namespace: a :class:`PlannedRun` is what the model
+and size flags (``--arch``, ``--mode``, ``--resolutions``, ...) or a suite's run come to, a
+:class:`SpeedSettings` everything else. Every part of the harness reads the same names, and a
+suite's run that times fewer calls gets its own copy (:meth:`SpeedSettings.for_run`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,33 @@ import torch
 
 from methods import Method, MethodOptions  # isort: skip
 from shared import DTYPES  # isort: skip
-from suites import PlannedRun  # isort: skip
+from transformer_configs import FLUX_BLOCKS  # isort: skip
 
 #: ``--methods all``: every registered method that runs in the chosen modes and is installed.
 ALL = "all"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One measurement of a plan: one model, its modes, resolutions, compile mode and steps.
+
+    A suite's run may also leave out methods that would only repeat another run's (``skip``) and
+    time fewer calls than the suite's default (``warmup``, ``repeats``: whole generations cost more).
+    """
+
+    arch: str | None
+    model: str | None
+    modes: tuple[str, ...]
+    resolutions: tuple[int, ...]
+    compile: str = "none"
+    steps: int = 50
+    skip: tuple[str, ...] = ()
+    warmup: int | None = None
+    repeats: int | None = None
+
+    @property
+    def source(self) -> str:
+        return self.model or f"{self.arch} (random weights)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +66,7 @@ class SpeedSettings:
         threads: torch CPU threads (``None``: torch's).
         compile_backend: ``torch.compile``'s backend.
         compiler_mode: ``torch.compile``'s mode (``None``: torch's default).
+        flux_blocks: Double- and single-stream blocks of the reduced full-width Flux (``--arch flux``).
         options: The peers' knobs.
         out: Folder for speed.json/csv/png.
         suite: The suite's name, if one was asked for.
@@ -62,6 +88,7 @@ class SpeedSettings:
     threads: int | None = None
     compile_backend: str = "inductor"
     compiler_mode: str | None = None
+    flux_blocks: tuple[int, int] = FLUX_BLOCKS
     options: MethodOptions = field(default_factory=MethodOptions)
     out: Path = Path("runs/speed")
     suite: str | None = None

@@ -14,7 +14,9 @@ Three measurements, chosen with ``--mode``:
 * ``unet``: one UNet forward on the classifier-free-guidance batch (``--batch``, 2 by default),
   random latents of ``resolution / vae_scale_factor`` and random text embeddings, at a fixed
   ``--timestep`` (981 by default, inside the recipe's agent phase). Reported in seconds per forward.
-  Methods that need the pipeline's own loop (DeepCache, T-GATE) cannot run here.
+  Methods that need the pipeline's own loop (DeepCache, T-GATE) cannot run here. With ``--arch
+  sd35-medium|pixart-sigma|flux`` the model is a diffusion transformer (``transformer_configs.py``),
+  its inputs those its pipeline gives one forward (Flux: one row per image, guidance-distilled).
 * ``pipeline``: a whole guided generation of ``--steps`` steps, in seconds per image (``batch / 2``
   images per call), through the method's own call (DeepCache and T-GATE run their loops). With
   ``--arch`` the pipeline is a real diffusers pipeline around the full-size random-weight UNet with
@@ -64,10 +66,11 @@ from estimate import Estimate, a_priori_rate, a_priori_seconds, planned_cost, pr
 from measure import Measurement, measure  # isort: skip
 from methods import METHODS, Method, Variant, add_method_arguments, options_from, resolve_methods  # isort: skip
 from methods import variants as method_variants  # isort: skip
-from settings import ALL, SpeedSettings  # isort: skip
+from settings import ALL, PlannedRun, SpeedSettings  # isort: skip
 from shared import DTYPES, HelpFormatter  # isort: skip
 from speed_report import Row, format_table, noise_warnings, rows_for, run_record, write_outputs  # isort: skip
-from suites import COMPILE_MODES, MODES, SUITES, PlannedRun, timed_in  # isort: skip
+from suites import COMPILE_MODES, MODES, SUITES, timed_in  # isort: skip
+from transformer_configs import FLUX_BLOCKS, TRANSFORMER_ARCHS  # isort: skip
 from unet_configs import ARCHS  # isort: skip
 from video import VIDEO_UNETS  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE, SEED, WARMUP_STEPS  # isort: skip
@@ -106,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--arch",
-        choices=sorted(ARCHS),
-        help="full-size architecture with random weights; sd15 when neither --arch nor --model is given",
+        choices=sorted({**ARCHS, **TRANSFORMER_ARCHS}),
+        help="full-size architecture with random weights; sd15 when neither --arch nor --model is given. "
+        f"UNets: {', '.join(ARCHS)}; diffusion transformers (one forward, eager): {', '.join(TRANSFORMER_ARCHS)}",
     )
     source.add_argument("--model", help="a text-to-image diffusers pipeline instead: hub id or local folder")
     parser.add_argument("--suite", choices=sorted(SUITES), help="a named plan of runs (see below)")
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=(*MODES, "both"),
         default="unet",
-        help="unet: one UNet forward; pipeline: a whole generation; hires: the hires fix's second pass "
+        help="unet: one forward of the UNet (or diffusion transformer); pipeline: a whole generation; "
+        "hires: the hires fix's second pass "
         f"(image-to-image at {HIRES_STRENGTH:g} strength of a {HIRES_UPSCALE}x-upscaled latent, at --resolutions, "
         "int(steps * strength) steps); both: unet then pipeline",
     )
@@ -140,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge ratios of the merging methods",
     )
     parser.add_argument("--steps", type=flag_types.int_at_least(1), default=50, help="denoising steps (pipeline mode)")
+    parser.add_argument(
+        "--flux-blocks",
+        type=flag_types.int_at_least(0),
+        nargs=2,
+        default=list(FLUX_BLOCKS),
+        metavar=("DOUBLE", "SINGLE"),
+        help="double- and single-stream blocks of --arch flux (FLUX.1-dev has 19 and 38, 48 GB in float32)",
+    )
     parser.add_argument(
         "--batch",
         type=flag_types.int_at_least(2),
@@ -274,6 +287,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SpeedSettings:
         parser.error("argument --warmup: --compile needs at least 1, the first call of each method compiles")
     if "regional" in compiled and (why := _regional_unsupported()):
         parser.error(f"argument --compile: {why}")
+    if transformers := sorted({run.arch for run in runs if run.arch in TRANSFORMER_ARCHS}):
+        if {mode for run in runs if run.arch in transformers for mode in run.modes} != {"unet"}:
+            parser.error(f"argument --mode: --arch {' '.join(transformers)} runs one forward only: use --mode unet")
+        if compiled:
+            parser.error(f"argument --compile: --arch {' '.join(transformers)} runs eager only: drop --compile")
+    if sum(args.flux_blocks) < 1:
+        parser.error("argument --flux-blocks: give at least one block (DOUBLE SINGLE, e.g. 1 1)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} exists and is not a folder")
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -290,6 +310,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SpeedSettings:
         methods=tuple(methods),
         every_method=args.methods == [ALL],
         ratios=tuple(resolved["ratios"]),
+        flux_blocks=tuple(args.flux_blocks),
         device=device,
         dtype=resolved["dtype"],
         options=options,

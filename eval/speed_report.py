@@ -30,8 +30,7 @@ from workloads import HIRES_RECIPE_NOTE, Workload  # isort: skip
 if TYPE_CHECKING:
     from measure import Measurement
     from methods import Variant
-    from settings import SpeedSettings
-    from suites import PlannedRun
+    from settings import PlannedRun, SpeedSettings
 
 MIB = 2**20
 
@@ -128,7 +127,7 @@ def _group(row: Row) -> tuple[str, str, str]:
 
 #: What each mode times, in table titles.
 MODE_TITLES = {
-    "unet": "one UNet forward",
+    "unet": "one forward",
     "pipeline": "whole generation",
     "hires": "hires pass (image-to-image from an upscaled latent)",
 }

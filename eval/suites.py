@@ -1,5 +1,5 @@
-"""eval/speed.py's plans as data: a :class:`PlannedRun` is one model measured in some modes, at some
-resolutions, with one compile mode; a :class:`Suite` is a named plan of runs with the settings that
+"""eval/speed.py's plans as data: a :class:`Suite` is a named plan of runs (:class:`settings.PlannedRun`:
+one model measured in some modes, at some resolutions, with one compile mode) with the settings that
 replace the flags' defaults (``--suite NAME``).
 """
 
@@ -9,33 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from settings import PlannedRun  # isort: skip
 from workloads import HIRES_STRENGTH, HIRES_UPSCALE  # isort: skip
 
 MODES = ("unet", "pipeline", "hires")
 COMPILE_MODES = ("none", "regional", "full")
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One measurement of a plan: one model, its modes, resolutions, compile mode and steps.
-
-    A suite's run may also leave out methods that would only repeat another run's (``skip``) and
-    time fewer calls than the suite's default (``warmup``, ``repeats``: whole generations cost more).
-    """
-
-    arch: str | None
-    model: str | None
-    modes: tuple[str, ...]
-    resolutions: tuple[int, ...]
-    compile: str = "none"
-    steps: int = 50
-    skip: tuple[str, ...] = ()
-    warmup: int | None = None
-    repeats: int | None = None
-
-    @property
-    def source(self) -> str:
-        return self.model or f"{self.arch} (random weights)"
 
 
 @dataclass(frozen=True)
@@ -89,6 +67,13 @@ _HIGHRES_RUNS = (
     PlannedRun("sd15", None, ("unet",), (1536,)),
     PlannedRun("sd15", None, ("unet",), (2048,), repeats=1),
     PlannedRun("sdxl", None, ("unet",), (2048,), skip=_HIGHRES_XL_SKIPS, repeats=1),
+)
+
+#: The diffusion transformers (SD3.5 Medium, PixArt-Sigma, full-width Flux with one block of each kind):
+#: one forward (t = 981, the agent phase), the baseline, ToDo, AgentSD's two phases and the ceiling.
+DIT_METHODS = ("sd", "todo", "agent-phase", "tome-phase", "ceiling")
+_DIT_RUNS = tuple(
+    PlannedRun(arch, None, ("unet",), (px,)) for px in (1024, 2048) for arch in ("pixart-sigma", "flux", "sd35-medium")
 )
 
 SUITES: dict[str, Suite] = {
@@ -151,6 +136,20 @@ SUITES: dict[str, Suite] = {
                 repeats=3,
             ),
         ),
+    ),
+    "dit": Suite(
+        "one forward of the diffusion transformers at 1024 and 2048 px, peak memory: PixArt-Sigma, Flux at full "
+        "width with one double- and one single-stream block (--flux-blocks), SD3.5 Medium; sd, todo, AgentSD's two "
+        "phases, ceiling; 1 warm-up + 2 timed calls (hours on 2 CPU cores at 2048 px: benchmarks/block.py times "
+        "one block in minutes)",
+        {"methods": list(DIT_METHODS), "warmup": 1, "repeats": 2, "memory": True},
+        _DIT_RUNS,
+    ),
+    "gpu-dit": Suite(
+        "one GPU, fp16: the dit suite's forwards (PixArt-Sigma, full-width Flux with a block of each kind, SD3.5 "
+        "Medium at 1024 and 2048 px; sd, todo, AgentSD's two phases, ceiling), median of 10 after 3 warm-ups",
+        {"methods": list(DIT_METHODS), "dtype": "float16", "warmup": 3, "repeats": 10, "memory": True},
+        _DIT_RUNS,
     ),
     "gpu-smoke": Suite(
         "the gpu suite's plan on the tiny architectures at 64 px, 2 steps, 1 timed call, compiled with "

@@ -24,7 +24,7 @@ The knobs and their checks live in ``methods.MethodOptions`` (``--todo-*``); the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from diffusers.models.attention_processor import Attention
 # AgentSD's own level of each transformer block and reading of the UNet's call, so that both patch the same layers.
 from agentsd import select_blocks
 from agentsd.diffusers_patch.api import DEFAULT_NUM_TRAIN_TIMESTEPS
+from agentsd.diffusers_patch.blocks import stage_kinds
 from agentsd.diffusers_patch.forwards import call_argument as _call_argument
 
 # The layer's own projections and output, as AgentSD's agent attention uses them.
@@ -53,22 +54,24 @@ class ToDoState:
             stop_after) * num_train_timesteps`` (the noise level, as the authors' reference
             implementation does, rather than a call count: a call at a given noise level is
             downsampled or not whatever ran before it).
-        num_train_timesteps: The scheduler's ``num_train_timesteps``.
+        num_train_timesteps: The scheduler's ``num_train_timesteps``, in the model's unit (Flux, whose
+            pipelines pass ``t / 1000``: 1).
         mode: The ``F.interpolate`` mode.
-        size: The latent's (H, W) in the current call.
+        size: The (H, W) grid at downsample 1 in the current call: a UNet's latent, a transformer's
+            image tokens.
         active: Whether the current call is within ``stop_after``.
     """
 
     stop_after: float = 1.0
-    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS
+    num_train_timesteps: float = DEFAULT_NUM_TRAIN_TIMESTEPS
     mode: str = "nearest-exact"
     size: tuple[int, int] | None = None
     active: bool = True
 
-    def start_call(self, sample: torch.Tensor, timestep: torch.Tensor | float) -> None:
-        self.size = (sample.shape[-2], sample.shape[-1])
+    def start_call(self, size: tuple[int, int], timestep: torch.Tensor | float) -> None:
+        self.size = size
         if self.stop_after >= 1:
-            # On at every step (the default): the timestep is not read, so a compiled UNet stays one graph.
+            # On at every step (the default): the timestep is not read, so a compiled model stays one graph.
             self.active = True
             return
         # A stop fraction reads the timestep on the host, as the reference does: under torch.compile,
@@ -77,15 +80,26 @@ class ToDoState:
         self.active = t >= (1 - self.stop_after) * self.num_train_timesteps
 
 
-class ToDoHook(ModelHook):
-    """Starts each UNet call: latent size and whether ToDo is on at this noise level."""
+#: What a model's call says ToDo needs: ``read(module, args, kwargs)`` -> (:attr:`ToDoState.size`, timestep).
+CallReader = Callable[[torch.nn.Module, tuple, dict], tuple[tuple[int, int], Any]]
 
-    def __init__(self, state: ToDoState) -> None:
+
+def unet_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[int, int], Any]:
+    """A UNet call's latent size (from ``sample``) and ``timestep``, positional or keyword."""
+    sample = _call_argument(args, kwargs, 0, "sample")
+    return (sample.shape[-2], sample.shape[-1]), _call_argument(args, kwargs, 1, "timestep")
+
+
+class ToDoHook(ModelHook):
+    """Starts each model call: its token grid and whether ToDo is on at this noise level."""
+
+    def __init__(self, state: ToDoState, read: CallReader = unet_call) -> None:
         super().__init__()
         self.state = state
+        self.read = read
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        self.state.start_call(_call_argument(args, kwargs, 0, "sample"), _call_argument(args, kwargs, 1, "timestep"))
+        self.state.start_call(*self.read(module, args, kwargs))
         return args, kwargs
 
 
@@ -152,8 +166,7 @@ def apply_todo(
         factors: Downsample factor by level (1: latent resolution, 2: one level coarser, ...).
         stop_after, mode: See :class:`ToDoState`.
 
-    The remove puts the original processor objects back and takes the hook (and the hook
-    registry and ``forward`` it created) off the UNet, leaving the model exactly as it was.
+    Its remove is :func:`put_todo`'s, exact.
 
     Raises:
         ValueError: the UNet already carries ToDo, or no transformer block sits at those levels.
@@ -161,9 +174,7 @@ def apply_todo(
     unet = getattr(model, "unet", model)
     scheduler_config = getattr(getattr(model, "scheduler", None), "config", None)
     num_train_timesteps = getattr(scheduler_config, "num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)
-    registry = getattr(unet, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        raise ValueError("this UNet already carries ToDo; remove it first")
+    refuse_twice(unet)
     attns = [
         (site.module.attn1, site.downsample)
         for site in select_blocks(unet, max_downsample=max(factors))
@@ -172,19 +183,48 @@ def apply_todo(
     if not attns:
         raise ValueError(f"no transformer block at downsample {sorted(factors)} in this UNet")
     state = ToDoState(stop_after=stop_after, num_train_timesteps=num_train_timesteps, mode=mode)
-    created_registry, had_forward = registry is None, "forward" in vars(unet)
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(ToDoHook(state), HOOK_NAME)
-    originals = [attn.processor for attn, _ in attns]
-    for (attn, downsample), inner in zip(attns, originals):
-        attn.set_processor(ToDoAttnProcessor(state, downsample, factors[downsample], inner))
+    processors = [
+        ToDoAttnProcessor(state, downsample, factors[downsample], attn.processor) for attn, downsample in attns
+    ]
+    return put_todo(unet, ToDoHook(state), [attn for attn, _ in attns], processors)
+
+
+def image_attentions(block: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """The attention layers of one of AgentSD's blocks that attend over its image tokens, each with whether
+    it is joint (text tokens in the same attention: SD3's ``attn``, both Flux blocks') or plain
+    self-attention (a UNet's or PixArt's ``attn1``, SD3.5's ``attn2``): AgentSD's own stage kinds."""
+    kinds = stage_kinds(block)
+    return [(getattr(block, name), kind == "joint") for name, kind in kinds.items() if kind in ("self", "joint")]
+
+
+def refuse_twice(model: torch.nn.Module) -> None:
+    """Refuse, before any change, a model that already carries ToDo."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        raise ValueError(f"this {type(model).__name__} already carries ToDo; remove it first")
+
+
+def put_todo(
+    model: torch.nn.Module, hook: ToDoHook, attns: Sequence[torch.nn.Module], processors: Sequence[Any]
+) -> Callable[[], None]:
+    """Put ``hook`` on ``model`` and ``processors`` on its layers ``attns``; returns the exact remove.
+
+    The remove puts the original processor objects back and takes the hook (and the hook registry
+    and ``forward`` it created) off the model, leaving it exactly as it was.
+    """
+    created_registry, had_forward = getattr(model, "_diffusers_hook", None) is None, "forward" in vars(model)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
+    originals = [attn.processor for attn in attns]
+    for attn, processor in zip(attns, processors):
+        attn.set_processor(processor)
 
     def remove() -> None:
-        for (attn, _), original in zip(attns, originals):
+        for attn, original in zip(attns, originals):
             attn.set_processor(original)
-        unet._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
-        if created_registry and not unet._diffusers_hook.hooks:
-            del unet._diffusers_hook
+        model._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+        if created_registry and not model._diffusers_hook.hooks:
+            del model._diffusers_hook
             if not had_forward:
-                del unet.forward  # the registry left the bound method as an instance attribute
+                del model.forward  # the registry left the bound method as an instance attribute
 
     return remove

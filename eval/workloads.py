@@ -1,7 +1,8 @@
 """What eval/speed.py times, and what it expects each call to cost.
 
 A :class:`Workload` is one call with its inputs already built: one UNet forward on random latents
-and text embeddings (:func:`unet_workload`), a whole guided generation (:func:`pipeline_workload`)
+and text embeddings (:func:`unet_workload`) or one diffusion transformer forward on the inputs its
+pipeline gives it (:func:`transformer_workload`), a whole guided generation (:func:`pipeline_workload`)
 or the hires fix's second pass (:func:`hires_workload`). Every input is seeded (:data:`SEED`), so
 that every method gets the same ones.
 
@@ -23,11 +24,11 @@ from agentsd.config import RECIPE_SWITCH
 
 import video  # isort: skip
 from shared import dtype_kwarg  # isort: skip
+from transformer_configs import TRANSFORMER_ARCHS, TransformerArch  # isort: skip
 from unet_configs import ARCHS, TEXT_TOKENS, Arch  # isort: skip
 
 if TYPE_CHECKING:
-    from settings import SpeedSettings
-    from suites import PlannedRun
+    from settings import PlannedRun, SpeedSettings
 
 SEED = 0
 #: Steps of a warm-up generation in pipeline mode: enough to run every code path of the loop once
@@ -169,6 +170,25 @@ def unet_workload(
     return Workload("unet", resolution, batch // 2, 1, call, cost_model)
 
 
+def transformer_workload(
+    model: torch.nn.Module,
+    arch: TransformerArch,
+    resolution: int,
+    cost_model: CostModel = DEFAULT_COST,
+    *,
+    batch: int,
+    timestep: int,
+) -> Workload:
+    """One forward of a diffusion transformer at training ``timestep`` on the seeded inputs its pipeline
+    gives ``batch / 2`` images (:meth:`TransformerArch.inputs`: a guided pair each, or one row for Flux)."""
+    inputs = arch.inputs(model, batch // 2, resolution, timestep, torch.Generator().manual_seed(SEED))
+
+    def call(generate: Callable[..., Any], warmup: bool) -> Any:
+        return generate(**inputs)
+
+    return Workload("unet", resolution, batch // 2, 1, call, cost_model)
+
+
 def _to_latents(generate: Callable[..., Any], pipe: Any, images: int, **kwargs: Any) -> Any:
     """One seeded, guided call of ``generate`` (the method's call of ``pipe``) for ``images`` images of
     :data:`PROMPT`, to latents: the VAE decode is no method's business."""
@@ -242,9 +262,14 @@ def run_workloads(
 ) -> list[Workload]:
     """Every workload of ``run``: each mode at each resolution, in that order (``hires``: the image-to-image
     pipeline around ``pipe``, :func:`hires_pipeline`)."""
-    model, batch = cost_model_for(run.arch), settings.batch
+    model, batch, timestep = cost_model_for(run.arch), settings.batch, settings.timestep
+    transformer = TRANSFORMER_ARCHS.get(run.arch or "")
     builders: dict[str, Callable[[int], Workload]] = {
-        "unet": lambda px: unet_workload(unet, px, vae_factor, model, batch=batch, timestep=settings.timestep),
+        "unet": lambda px: (
+            unet_workload(unet, px, vae_factor, model, batch=batch, timestep=timestep)
+            if transformer is None
+            else transformer_workload(unet, transformer, px, model, batch=batch, timestep=timestep)
+        ),
         "pipeline": lambda px: pipeline_workload(pipe, px, run.steps, model, batch=batch),
         "hires": lambda px: hires_workload(hires, px, run.steps, model, batch=batch),
     }
@@ -252,8 +277,11 @@ def run_workloads(
 
 
 def load_models(run: PlannedRun, settings: SpeedSettings) -> tuple[Any, torch.nn.Module, int]:
-    """(pipeline or None, UNet, VAE scale factor) for one run; the pipeline only if a mode needs it."""
+    """(pipeline or None, UNet or diffusion transformer, VAE scale factor) for one run; the pipeline only
+    if a mode needs it."""
     dtype, device = settings.torch_dtype, settings.device
+    if run.arch in TRANSFORMER_ARCHS:
+        return None, TRANSFORMER_ARCHS[run.arch].build(device, dtype, SEED, settings.flux_blocks), 8
     if run.model is None:
         arch: Arch = ARCHS[run.arch]
         if run.modes == ("unet",):

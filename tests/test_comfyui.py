@@ -150,11 +150,11 @@ def test_sdxl_is_patched_at_its_top_attention_level() -> None:
     assert all(run.merged for run in block_runs(patched))
 
 
-@pytest.mark.parametrize("family", ["Flux", "SD3", "SVD_img2vid", "Stable_Cascade_C"])
+@pytest.mark.parametrize("family", ["Flux2", "AuraFlow", "SVD_img2vid", "Stable_Cascade_C", "StableAudio", "WAN21_T2V"])
 def test_other_model_families_are_refused_by_name(family: str) -> None:
     config = getattr(comfy.supported_models, family).__new__(getattr(comfy.supported_models, family))
     other = SimpleNamespace(model=SimpleNamespace(model_config=config, diffusion_model=torch.nn.Identity()))
-    with pytest.raises(ValueError, match=f"SD 1.x, SD 2.x and SDXL models; this model is {family}"):
+    with pytest.raises(ValueError, match=f"SD3 / SD3.5 and Flux \\(dev, schnell\\) models; this model is {family} "):
         AgentSDNode().patch(other, **NODE_DEFAULTS)
 
 

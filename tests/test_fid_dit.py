@@ -90,9 +90,9 @@ def test_the_model_index_decides_the_default_methods_and_scheduler(models, tmp_p
         args = checked(models[kind], tmp_path)
         assert [m.name for m in args.methods] == methods, kind
         assert (args.scheduler, args.scheduler_class, fid.protocol(args)["scheduler"]) == (scheduler, used, used)
-    pixart = checked(models["pixart-sigma"], tmp_path, "--scheduler", "pndm", "--methods", "sd", "agent-phase")
+    pixart = checked(models["pixart-sigma"], tmp_path, "--scheduler", "pndm", "--methods", "sd", "agent-phase,todo")
     assert pixart.scheduler_class == "PNDMScheduler"  # PixArt predicts noise: a DDPM-family sampler drives it
-    assert [m.name for m in pixart.methods] == ["sd", "agent-phase"]
+    assert [m.name for m in pixart.methods] == ["sd", "agent-phase", "todo"]
     assert checked(models["sd"], tmp_path, "--scheduler", "own").scheduler_class == "PNDMScheduler"
     sd3, sd = fid.read_pipeline_index(models["sd3"]), fid.read_pipeline_index(models["sd"])
     assert sd3.transformer and sd3.flow_matching and not sd3.safety_checker
@@ -105,7 +105,7 @@ def test_the_model_index_decides_the_default_methods_and_scheduler(models, tmp_p
     [
         ("sd3", ["--methods", "sd", "tomesd"], "--methods: tomesd patches UNets only"),
         ("flux", ["--methods", "agentsd,deepcache,tgate"], "--methods: deepcache, tgate patch UNets only"),
-        ("pixart-sigma", ["--methods", "tomesd"], "choose from sd, agentsd, agent-phase, tome-phase"),
+        ("pixart-sigma", ["--methods", "tomesd"], "choose from sd, agentsd, agent-phase, tome-phase, todo"),
         ("flux", ["--scheduler", "pndm"], "--scheduler: pndm cannot drive"),
         ("sd3", ["--scheduler", "dpm"], "flow-matching model (StableDiffusion3Pipeline, scheduler "),
         ("sd3", ["--scheduler", "euler"], "use --scheduler own"),

@@ -7,6 +7,7 @@ Deterministic and fast: no whole run, no timing asserted; the loads and seconds 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -21,12 +22,48 @@ import shared  # noqa: E402
 import speed_report  # noqa: E402
 import suites  # noqa: E402
 import timing  # noqa: E402
+import transformer_configs  # noqa: E402
 import workloads  # noqa: E402
 from methods import METHODS, Method, Variant  # noqa: E402
-from settings import SpeedSettings  # noqa: E402
+from settings import PlannedRun, SpeedSettings  # noqa: E402
+from transformer_configs import TRANSFORMER_ARCHS  # noqa: E402
 from unet_configs import ARCHS  # noqa: E402
 
 CPU = torch.device("cpu")
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+
+
+# --- the modules ----------------------------------------------------------------------------------
+
+
+def eval_imports() -> dict[str, set[str]]:
+    """Which of eval/'s modules each one imports (those under ``TYPE_CHECKING`` included)."""
+    modules = {path.stem: path for path in EVAL.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        nodes = ast.walk(ast.parse(path.read_text()))
+        imported = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        nodes = ast.walk(ast.parse(path.read_text()))
+        imported |= {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_eval_modules_import_each_other_without_a_cycle():
+    """Each module can be read, and imported, after the ones it needs: no import circle."""
+    graph, done, path = eval_imports(), set(), []
+
+    def visit(name: str) -> None:
+        assert name not in path, f"import cycle: {' -> '.join([*path[path.index(name) :], name])}"
+        if name not in done:
+            path.append(name)
+            for module in sorted(graph[name]):
+                visit(module)
+            path.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
 
 
 # --- suites ---------------------------------------------------------------------------------------
@@ -55,6 +92,23 @@ def test_highres_and_gpu_suites_plan_their_tables():
     assert runs == [{"sd", "todo", "agent-phase"}, {"sd", "todo", "agentsd"}]
 
 
+def test_dit_suites_time_each_transformer_at_1024_and_2048_px():
+    """dit (CPU) and gpu-dit (one GPU, fp16): the three transformers, cheapest first, one forward each at
+    1024 and 2048 px with sd, ToDo, AgentSD's two phases and the ceiling."""
+    for name in ("dit", "gpu-dit"):
+        suite = suites.SUITES[name]
+        assert suite.settings["methods"] == ["sd", "todo", "agent-phase", "tome-phase", "ceiling"]
+        assert [(run.arch, run.resolutions, run.modes) for run in suite.runs][:3] == [
+            ("pixart-sigma", (1024,), ("unet",)),
+            ("flux", (1024,), ("unet",)),
+            ("sd35-medium", (1024,), ("unet",)),
+        ]
+        assert {run.arch: run.resolutions for run in suite.runs[3:]} == dict.fromkeys(
+            ["pixart-sigma", "flux", "sd35-medium"], (2048,)
+        )
+    assert suites.SUITES["gpu-dit"].settings["dtype"] == "float16"
+
+
 def test_gpu_smoke_is_the_gpu_plan_on_tiny_models():
     smoke, gpu = suites.SUITES["gpu-smoke"], suites.SUITES["gpu"]
     assert [(run.modes, run.compile, run.skip) for run in smoke.runs] == [
@@ -65,8 +119,8 @@ def test_gpu_smoke_is_the_gpu_plan_on_tiny_models():
 
 
 def test_a_planned_run_names_its_source():
-    assert suites.PlannedRun("sd15", None, ("unet",), (512,)).source == "sd15 (random weights)"
-    assert suites.PlannedRun(None, "some/model", ("unet",), (512,)).source == "some/model"
+    assert PlannedRun("sd15", None, ("unet",), (512,)).source == "sd15 (random weights)"
+    assert PlannedRun(None, "some/model", ("unet",), (512,)).source == "some/model"
 
 
 def test_pipeline_loop_methods_are_timed_in_whole_generations_only():
@@ -80,10 +134,10 @@ def test_pipeline_loop_methods_are_timed_in_whole_generations_only():
 
 def test_a_run_with_its_own_calls_gets_its_own_settings():
     settings = SpeedSettings(warmup=3, repeats=10)
-    run = suites.PlannedRun("sd15", None, ("unet",), (2048,), repeats=5)
+    run = PlannedRun("sd15", None, ("unet",), (2048,), repeats=5)
     assert (settings.for_run(run).warmup, settings.for_run(run).repeats) == (3, 5)
     assert settings.repeats == 10  # frozen: the suite's settings are left as they were
-    assert settings.for_run(suites.PlannedRun("sd15", None, ("unet",), (512,))) == settings
+    assert settings.for_run(PlannedRun("sd15", None, ("unet",), (512,))) == settings
 
 
 @pytest.mark.parametrize(
@@ -209,6 +263,62 @@ def test_sdxl_conditioning_has_pooled_text_and_size_ids():
     assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
 
 
+def test_transformer_configs_build_the_published_architectures():
+    """Parameters of the full-size configs (on the meta device: no memory, no init): SD3.5 Medium 2.24 B,
+    PixArt-Sigma 0.61 B, FLUX.1-dev 11.9 B with its 19 + 38 blocks; the reduced Flux keeps its width."""
+    counts = {}
+    for name, blocks in (("sd35-medium", None), ("pixart-sigma", None), ("flux", (19, 38)), ("flux", (1, 1))):
+        model = TRANSFORMER_ARCHS[name].build("meta", flux_blocks=blocks or (1, 1))
+        counts[name, blocks] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+        if name == "flux":
+            assert model.inner_dim == 3072 and len(model.transformer_blocks) == (blocks or (1, 1))[0]
+    assert counts == {
+        ("sd35-medium", None): 2.24,
+        ("pixart-sigma", None): 0.61,
+        ("flux", (19, 38)): 11.9,
+        ("flux", (1, 1)): 0.55,
+    }
+
+
+def test_transformer_inputs_are_what_each_pipeline_gives_one_forward():
+    """At 1024 px, one image: SD3 and PixArt a guided pair of 128 x 128 latents with 77 + 256 / 300 text tokens
+    (PixArt's with their mask), the timestep on the 1000 scale; Flux one row of 64 x 64 packed tokens with
+    their (0, row, column) ids, 512 text tokens at zero ids, the timestep over 1000 and the guidance scale."""
+    shapes = {}
+    for name in ("tiny-sd3", "tiny-pixart", "tiny-flux"):
+        arch = TRANSFORMER_ARCHS[name]
+        workload = workloads.transformer_workload(arch.build(), arch, 1024, batch=2, timestep=981)
+        inputs = workload.call(lambda **inputs: inputs, False)
+        shapes[name] = {key: tuple(value.shape) for key, value in inputs.items() if torch.is_tensor(value)}
+        assert (workload.images, workload.unit) == (1, ("s/forward", 1))
+    assert shapes["tiny-sd3"] == {
+        "hidden_states": (2, 16, 128, 128),
+        "encoder_hidden_states": (2, 333, 4096),
+        "pooled_projections": (2, 2048),
+        "timestep": (2,),
+    }
+    assert shapes["tiny-pixart"] == {
+        "hidden_states": (2, 4, 128, 128),
+        "encoder_hidden_states": (2, 300, 4096),
+        "encoder_attention_mask": (2, 300),
+        "timestep": (2,),
+    }
+    assert shapes["tiny-flux"] == {
+        "hidden_states": (1, 4096, 64),
+        "encoder_hidden_states": (1, 512, 4096),
+        "pooled_projections": (1, 768),
+        "timestep": (1,),
+        "img_ids": (4096, 3),
+        "txt_ids": (512, 3),
+        "guidance": (1,),
+    }
+    flux = TRANSFORMER_ARCHS["tiny-flux"]
+    inputs = flux.inputs(flux.build(), 1, 1024, 981, torch.Generator())
+    assert inputs["img_ids"][[0, 1, 64, -1]].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 63, 63]]
+    assert not inputs["txt_ids"].any() and inputs["timestep"].tolist() == pytest.approx([0.981])
+    assert inputs["guidance"].tolist() == [transformer_configs.FLUX_GUIDANCE]
+
+
 # --- estimates ------------------------------------------------------------------------------------
 
 
@@ -234,21 +344,21 @@ def test_adapted_estimate_compares_the_first_call_with_the_a_priori_pace(capsys)
 
 
 def test_planned_cost_counts_every_call_of_a_run():
-    run = suites.PlannedRun("sd15", None, ("unet",), (512, 1024))
+    run = PlannedRun("sd15", None, ("unet",), (512, 1024))
     settings = SpeedSettings(warmup=1, repeats=2, memory=False)
     units = workloads.COST_MODELS["sd15"].units
     assert estimate.planned_cost(run, settings, {"unet": 3}) == pytest.approx(3 * 3 * (units(512) + units(1024)))
-    compiled = suites.PlannedRun("sd15", None, ("unet",), (512,), compile="full")
+    compiled = PlannedRun("sd15", None, ("unet",), (512,), compile="full")
     with_memory = SpeedSettings(warmup=1, repeats=2, memory=True)  # compiled: one extra memory call
     assert estimate.planned_cost(compiled, with_memory, {"unet": 1}) == 4
 
 
 def test_a_priori_rate_only_where_the_reference_applies(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    run = suites.PlannedRun("sd15", None, ("unet",), (512,))
+    run = PlannedRun("sd15", None, ("unet",), (512,))
     assert estimate.a_priori_rate(run, SpeedSettings()) == pytest.approx(10.2 * 2)  # 2 reference threads on 1
     assert estimate.a_priori_rate(run, SpeedSettings(dtype="float16")) is None
-    assert estimate.a_priori_rate(suites.PlannedRun("tiny", None, ("unet",), (64,)), SpeedSettings()) is None
+    assert estimate.a_priori_rate(PlannedRun("tiny", None, ("unet",), (64,)), SpeedSettings()) is None
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -387,7 +497,7 @@ def _row(method: str, seconds: list[float], load: float | None = None):
 
 def test_rows_say_how_far_each_method_gets_towards_the_ceiling():
     workload = workloads.Workload("unet", 2048, 1, 1, lambda generate, warmup: None)
-    run = suites.PlannedRun("sd15", None, ("unet",), (2048,))
+    run = PlannedRun("sd15", None, ("unet",), (2048,))
     results = dict(_row(name, [s]) for name, s in (("sd", 10.0), ("agent-phase", 4.0), ("ceiling", 2.0)))
     rows = {row.method: row for row in speed_report.rows_for(run, workload, results, "sd")}
     assert {name: row.ceiling_speedup for name, row in rows.items()} == {"sd": 5.0, "agent-phase": 5.0, "ceiling": 5.0}
@@ -400,7 +510,7 @@ def test_noise_warnings_name_a_busy_machine_and_repeats_that_disagree():
     two threads, above it other work competed; repeats spreading over 10% are named with their spread."""
     noise_warnings = speed_report.noise_warnings
     workload = workloads.Workload("unet", 512, 1, 1, lambda generate, warmup: None)
-    run = suites.PlannedRun("sd15", None, ("unet",), (512,))
+    run = PlannedRun("sd15", None, ("unet",), (512,))
 
     def rows(tome_seconds: list[float], load: float | None):
         results = dict([_row("sd", [10.0, 10.2], load), _row("tome-phase", tome_seconds, load)])
@@ -417,7 +527,7 @@ def test_noise_warnings_name_a_busy_machine_and_repeats_that_disagree():
 
 def test_compiled_tables_say_what_compiled_each_row():
     workload = workloads.Workload("unet", 512, 1, 1, lambda generate, warmup: None)
-    run = suites.PlannedRun("sd15", None, ("unet",), (512,), compile="full")
+    run = PlannedRun("sd15", None, ("unet",), (512,), compile="full")
     results = dict([_row("sd", [10.0]), _row("agentsd", [6.0])])
     rows = speed_report.rows_for(run, workload, results, "sd")
     assert [(row.compile, row.compiled_with) for row in rows] == [

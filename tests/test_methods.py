@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 import method_options  # noqa: E402
 import method_parts  # noqa: E402
 import methods as m  # noqa: E402
+import todo  # noqa: E402
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from tiny import TEXT_DIM, tiny_pipeline, tiny_unet  # noqa: E402
 
@@ -75,7 +76,7 @@ def sd(tmp_path_factory):
     return pipe, base
 
 
-def test_the_registry_holds_every_method_of_the_issue():
+def test_the_registry_holds_every_compared_method():
     assert list(m.METHODS)[:5] == ["sd", "tomesd", "agentsd", "agent-phase", "tome-phase"]
     for name in (
         "ca-tome",
@@ -188,6 +189,37 @@ def test_the_ceiling_skips_self_attention_exactly_in_agentsds_blocks(sd):
         skipped = {name for name in before if isinstance(processors[name].processor, method_parts.SkipAttention)}
     assert skipped == expected and expected
     assert all(processors[name].processor is processor for name, processor in before.items())
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-flux", "tiny-pixart"])
+def test_the_ceiling_on_a_diffusion_transformer_skips_every_image_attention_whole(arch):
+    """Every block's image attention costs nothing and returns what the model reads: the (image, text)
+    pair of a joint layer, SD3's last context-pre-only block's included, Flux's single-stream sequence."""
+    from transformer_configs import TRANSFORMER_ARCHS
+
+    import agentsd
+
+    model = TRANSFORMER_ARCHS[arch].build()
+    inputs = TRANSFORMER_ARCHS[arch].inputs(model, 1, 64, 981, torch.Generator().manual_seed(0))
+    layers = [attn for site in agentsd.select_blocks(model) for attn, _ in todo.image_attentions(site.module)]
+    assert len(layers) == {"tiny-sd3": 3, "tiny-flux": 2, "tiny-pixart": 2}[arch]  # SD3: block 0's attn and attn2
+    before = [attn.processor for attn in layers]
+    with torch.inference_mode():
+        base = model(**inputs).sample
+        with m.METHODS["ceiling"].applied(model) as generate:
+            assert all(isinstance(attn.processor, method_parts.SkipAttention) for attn in layers)
+            skipped = generate(**inputs).sample
+    assert skipped.shape == base.shape and not torch.equal(skipped, base)
+    assert [attn.processor for attn in layers] == before
+
+
+@pytest.mark.parametrize("name", available("tomesd"))
+def test_tomesd_refuses_a_diffusion_transformer_by_name(name):
+    from transformer_configs import TRANSFORMER_ARCHS
+
+    with pytest.raises(TypeError, match="tomesd patches a UNet's transformer blocks; PixArtTransformer2DModel"):
+        with m.METHODS[name].applied(TRANSFORMER_ARCHS["tiny-pixart"].build(), ratio=0.4):
+            pass
 
 
 @pytest.mark.parametrize("name", available("deepcache", "agentsd+deepcache", "tgate", "ca-tome", "hidiffusion"))

@@ -145,7 +145,7 @@ def test_estimate_first_then_adapted_and_a_busy_machine_warned_on_a_tiny_model(s
     out, err = capsys.readouterr()
     assert "tiny (random weights): unet, 64 px, compile none, about 0 s a priori" in out
     assert "speed: estimate a priori: about 0 s on a quiet 2-core CPU" in out
-    assert out.index("estimate a priori") < out.index("one UNet forward, eager")  # first, then the table
+    assert out.index("estimate a priori") < out.index("one forward, eager")  # first, then the table
     assert "WARNING: load average 5.0 on 2 CPUs before the first run" in err
     assert "adapted estimate: about" in err and "the a-priori time per forward (a slower or busier machine" in err
     assert "WARNING: load average up to 5.0 on 2 CPUs while timing every table" in out
@@ -303,6 +303,9 @@ def test_help_shows_every_default_once(speed):
         (["--suite", "fastest"], "--suite"),
         (["--timestep", "1000"], "--timestep"),
         (["--device", "tpu"], "--device"),
+        (["--arch", "flux", "--mode", "pipeline"], "--mode"),
+        (["--arch", "tiny-sd3", "--compile"], "--compile"),
+        (["--arch", "flux", "--flux-blocks", "0", "0"], "--flux-blocks"),
     ],
 )
 def test_bad_flags_fail_before_any_work(speed, tmp_path, capsys, flags, flag):
@@ -367,6 +370,38 @@ def test_block_benchmark_times_a_knob_study_without_whole_forwards(monkeypatch, 
         bad_input.append((["--device", "cuda"], "argument --device: cuda is not available"))
     for bad, message in bad_input:
         assert message in refusal("benchmarks/block.py", [*command[2:], *bad], monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
+def test_one_forward_of_each_diffusion_transformer(speed, tmp_path, capsys, arch):
+    """--arch builds the transformer and times one forward on its pipeline's inputs (Flux: one row, no
+    guidance pair), every method interleaved with its ratio to SDPA and to the ceiling, AgentSD's recipe and
+    phases included; tomesd, which patches UNets only, is left out with the reason."""
+    out = tmp_path / "out"
+    argv = ["--arch", arch, "--resolutions", "64", "--methods", "all", "--repeats", "1", "--warmup", "0"]
+    speed.main([*argv, "--no-memory", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"leaves out tomesd-r0.4 on {arch} (random weights): tomesd patches a UNet's transformer blocks" in err
+    rows = {row["method"]: row for row in json.loads((out / "speed.json").read_text())["results"]}
+    assert set(rows) == {"sd", "todo", "ceiling", "agentsd-r0.4", "agent-phase-r0.4", "tome-phase-r0.4"}
+    assert all(row["mode"] == "unet" and row["ceiling_speedup"] == rows["ceiling"]["speedup"] for row in rows.values())
+
+
+def test_block_benchmark_times_flux_double_and_single_blocks(monkeypatch, capsys):
+    """benchmarks/block.py --arch flux-like: each Flux block kind alone, on the input the plain model
+    gives it (one row: Flux is guidance-distilled), run in this process."""
+    argv = ["--arch", "tiny-flux", "--resolution", "64", "--repeats", "1", "--threads", "1", "--modes", "eager"]
+    argv += ["--methods", "sd", "todo", "agent-phase", "tome-phase", "ceiling"]
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
+    for block in ("transformer_blocks.0", "single_transformer_blocks.0"):
+        monkeypatch.setattr(sys, "argv", ["benchmarks/block.py", *argv, "--block", block])
+        runpy.run_path(str(ROOT / "benchmarks" / "block.py"), run_name="__main__")
+        out = capsys.readouterr().out
+        assert f"tiny-flux `{block}` at 64 px, batch 1" in out
+        rows = [line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| ")]
+        assert rows == ["method", "sd", "todo", "agent-phase", "tome-phase", "ceiling"]
+    message = "argument --block: 'blocks.9' is not a module of tiny-flux; e.g. transformer_blocks.0"
+    assert message in refusal("benchmarks/block.py", [*argv, "--block", "blocks.9"], monkeypatch, capsys)
 
 
 def test_forward_benchmark_times_knob_variants_of_the_whole_forward(monkeypatch, capsys):

@@ -21,7 +21,6 @@ patched block that runs (:class:`ModelState`), from what ComfyUI passes every bl
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -37,12 +36,16 @@ from ..config import AgentSDConfig, Phase
 from ..layout import draw_keys
 from ..merge import MergePlan, make_layout, make_plan
 from ..schedule import edm_noise_level, phase_index
+from .twins import twin
 
 logger = logging.getLogger("agentsd")
 
 #: ``(block name, number, index in its spatial transformer)``: how ComfyUI names a transformer block
 #: in ``extra_options`` and in ``attn1_replace`` patches, e.g. ``("input", 1, 0)``.
 BlockKey = tuple[str, int, int]
+
+#: Where AgentSD's state sits in a patched model's ``transformer_options``.
+OPTIONS_KEY = "agentsd"
 
 
 def block_key(extra_options: dict[str, Any]) -> BlockKey | None:
@@ -56,12 +59,30 @@ def noise_level(model_sampling: Any, timestep: float) -> float:
 
     Discrete sampling (SD's own, and its v-prediction, LCM and zero-SNR variants) gives a training
     timestep; EDM sampling gives ``c_noise = log(sigma) / 4``, which is mapped onto SD's schedule.
+    Flow matching (SD3, Flux) gives ``sigma * multiplier`` (Flux dev: sigma): its noise level is
+    sigma, as the diffusers patch reads its flow-matching schedulers.
     """
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
+        return timestep / model_sampling.multiplier
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+        return timestep
     if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and not isinstance(
         model_sampling, comfy.model_sampling.ModelSamplingDiscreteEDM
     ):
         return timestep / model_sampling.num_timesteps
     return float(edm_noise_level(torch.tensor(timestep)))
+
+
+def phase_of_call(config: AgentSDConfig, model_sampling: Any, timestep: torch.Tensor) -> tuple[int, Phase]:
+    """The index and phase of the model call given ``timestep`` (0-d: what the model's sampling made of
+    its sigma); one host read. Logged at DEBUG level."""
+    value = float(timestep)
+    level = noise_level(model_sampling, value)
+    index = phase_index(config.phases, level)
+    phase = config.phases[index]
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("agentsd: timestep %g, noise level %.3f: phase %d, %s", value, level, index, phase.describe())
+    return index, phase
 
 
 @dataclass(frozen=True)
@@ -234,26 +255,17 @@ class ModelState:
             self.call_marker = shape
             sampling, sigmas = self.base_model.model_sampling, extra.get("sigmas")
             if sigmas is None:  # called outside ComfyUI's samplers: no noise level, so the cleanest phase
-                timestep, value, level = torch.zeros((), device=n.device), 0.0, 0.0
+                timestep = torch.zeros((), device=n.device)
+                self.phase_index = phase_index(self.config.phases, 0.0)
+                self.phase = self.config.phases[self.phase_index]
             else:
                 timestep = sampling.timestep(sigmas.flatten()[:1]).to(device=n.device, dtype=torch.float32)[0]
-                value = float(timestep)  # one host read per UNet call
-                level = noise_level(sampling, value)
-            self.phase_index = phase_index(self.config.phases, level)
-            self.phase = self.config.phases[self.phase_index]
+                self.phase_index, self.phase = phase_of_call(self.config, sampling, timestep)
             self.timestep = timestep
             self.latent_size = (shape[-2], shape[-1])
             # As in the diffusers adapter: an odd batch cannot hold whole (cond, uncond) pairs.
             use_rand = self.config.use_rand and n.shape[0] % 2 == 0
             self.keys = draw_keys(self.config.seed, timestep, len(self.blocks)) if use_rand else None
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "agentsd: timestep %g, noise level %.3f: phase %d, %s",
-                    value,
-                    level,
-                    self.phase_index,
-                    self.phase.describe(),
-                )
         return self.phase, self.phase_index
 
     def grid(self, downsample: int) -> tuple[int, int]:
@@ -263,9 +275,6 @@ class ModelState:
 
     def key(self, index: int) -> torch.Tensor | None:
         return self.keys[index] if self.keys is not None else None
-
-
-_RECORDER_CLASSES: dict[type, type] = {}
 
 
 class _RecordsInput:
@@ -279,16 +288,6 @@ class _RecordsInput:
 
 
 def input_recorder(norm: torch.nn.Module, block: BlockState) -> torch.nn.Module:
-    """A twin of ``norm`` that records its input for ``block``: the object ComfyUI patches in.
-
-    A shallow copy whose class adds the recording: it shares the original's parameter and buffer
-    dictionaries, so weight patches (LoRA) reach the same tensors under the same names, and
-    ComfyUI's unpatching puts back the original module, untouched.
-    """
-    cls = type(norm)
-    if cls not in _RECORDER_CLASSES:
-        _RECORDER_CLASSES[cls] = type(f"AgentSD{cls.__name__}", (_RecordsInput, cls), {})
-    twin = copy.copy(norm)
-    twin.__class__ = _RECORDER_CLASSES[cls]
-    twin.agentsd_block = block
-    return twin
+    """A twin of ``norm`` that records its input for ``block``: the object ComfyUI patches in
+    (:func:`~agentsd.comfy_patch.twins.twin`)."""
+    return twin(norm, _RecordsInput, block)

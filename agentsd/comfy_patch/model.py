@@ -21,16 +21,16 @@ from comfy.patcher_extension import WrappersMP
 from ..config import AgentSDConfig
 from ..schedule import phase_spans
 from ..selection import BlockSite, select_sites
-from .blocks import BlockKey, BlockState, ModelState, input_recorder
+from .blocks import OPTIONS_KEY, BlockKey, BlockState, ModelState, input_recorder
+from .dit import apply_dit, is_supported_dit
 
 logger = logging.getLogger("agentsd")
 
-#: The model families AgentSD runs on (and their subclasses: SSD-1B, Vega, KOALA, instruct-pix2pix,
-#: unCLIP): SD 1.x, SD 2.x (with the x4 upscaler) and SDXL with its refiner.
+#: The UNet model families AgentSD runs on (and their subclasses: SSD-1B, Vega, KOALA, instruct-pix2pix,
+#: unCLIP): SD 1.x, SD 2.x (with the x4 upscaler) and SDXL with its refiner. The diffusion
+#: transformers it runs on are SD3 / SD3.5 and Flux (:func:`~agentsd.comfy_patch.dit.is_supported_dit`).
 SUPPORTED_FAMILIES = (families.SD15, families.SD20, families.SDXL, families.SDXLRefiner)
-
-#: Where AgentSD's settings sit in a patched model's ``transformer_options``.
-OPTIONS_KEY = "agentsd"
+SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD3 / SD3.5 and Flux (dev, schnell) models"
 
 
 def model_family(model: Any) -> str:
@@ -38,19 +38,22 @@ def model_family(model: Any) -> str:
     return type(model.model.model_config).__name__
 
 
+def is_supported_unet(model: Any) -> bool:
+    """Whether a ``ModelPatcher`` holds an SD 1.x, 2.x or SDXL UNet."""
+    return isinstance(model.model.model_config, SUPPORTED_FAMILIES) and type(model.model.diffusion_model) is UNetModel
+
+
 def check_supported(model: Any) -> None:
-    """Refuse, with the model's family in the message, any model that is not SD 1.x, 2.x or SDXL.
+    """Refuse, with the model's family in the message, any model that is not SD 1.x, 2.x, SDXL, SD3 or Flux.
 
     Raises:
-        ValueError: Another family (SD3, Flux, Stable Cascade, video models, ...), or a stack that
-            AgentSD cannot join (AgentSD already on it, or ComfyUI's ToMe node).
+        ValueError: Another family (Stable Cascade, video and audio models, AuraFlow, Flux 2, ...), or a
+            stack that AgentSD cannot join (AgentSD already on it, or ComfyUI's ToMe node).
     """
-    config = model.model.model_config
-    diffusion_model = model.model.diffusion_model
-    if not isinstance(config, SUPPORTED_FAMILIES) or type(diffusion_model) is not UNetModel:
+    if not is_supported_unet(model) and not is_supported_dit(model):
         raise ValueError(
-            f"AgentSD patches SD 1.x, SD 2.x and SDXL models; this model is {model_family(model)} "
-            f"({type(diffusion_model).__name__})"
+            f"AgentSD patches {SUPPORTED}; this model is {model_family(model)} "
+            f"({type(model.model.diffusion_model).__name__})"
         )
     options = model.model_options.get("transformer_options", {})
     if OPTIONS_KEY in options:
@@ -144,6 +147,8 @@ def apply_agentsd(model: Any, config: AgentSDConfig) -> Any:
             "in ComfyUI AgentSD merges self-attention only: merge_attn=True, merge_crossattn=merge_mlp=False"
         )
     check_supported(model)
+    if is_supported_dit(model):
+        return apply_dit(model, config, model_family(model))
     sites = select_sites(block_sites(model.model.diffusion_model), config.max_downsample)
     patched = model.clone()
     state = ModelState(config, model.model)
