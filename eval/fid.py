@@ -11,10 +11,21 @@ CUDA. ``--prompts FILE`` takes one prompt a line instead (e.g. COCO captions; on
 ``torch.Generator("cpu").manual_seed(seed + i)`` whatever its batch, process and method (CPU noise,
 so that the noise is the same on every device).
 
+Diffusion transformers (SD3 / SD3.5, Flux, PixArt-α/Σ: ``--model`` a pipeline whose model_index.json
+has a ``transformer``, read before any weight is loaded): the same protocol, with two defaults of
+their own. ``--methods sd tome-phase agentsd``: tomesd patches UNets only, so AgentSD's ToMe phase at
+every step stands in for ToMe (methods that patch UNets only are refused). ``--scheduler own``: the
+pipeline's own scheduler as its folder configures it, since PNDM and the other named schedulers cannot
+drive a flow-matching model (SD3, Flux: refused there). Their steps, guidance and size are the flags'
+(the model cards': README); Flux takes no negative prompt and its ``--guidance`` is the distilled
+guidance it embeds. PixArt makes the image at ``--size`` (no resolution binning) from the prompt as
+written (no caption cleaning). Components the folder leaves out (SD3 without T5) load as ``None``.
+
 Output (``--out``, default ``fid-results``)::
 
     images/sd/00000.png ...          one folder per method and ratio (tomesd-r0.4, agentsd-r0.4)
-    images/<run>/settings.json       what made the images; a rerun with other settings is refused
+    images/<run>/settings.json       what made the images (the scheduler class that ran among them);
+                                     a rerun with other settings is refused
     images/<run>/timing-*.json       one timing record per process and run, rewritten after every batch
     cache/*                          Inception statistics, CLIP scores, fidelity scores, keyed by their inputs
     results.json results.csv results.md quality_vs_time.png
@@ -50,7 +61,8 @@ unless mpirun is installed).
 
 Errors: bad flags, missing packages and unloadable metric models stop the run before the pipeline is
 loaded or anything is written, with a message that names the flag; ``--dtype float16`` on the CPU is
-refused (no fallback). The safety checker is off (it would blank images and bias the metrics).
+refused (no fallback). The safety checker is off where the pipeline has one (it would blank images
+and bias the metrics).
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
@@ -82,6 +95,11 @@ from timing import synchronize, timed  # noqa: E402
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_TEMPLATE = "A high quality photograph of a {}."
+# --methods by default: the paper's on a UNet pipeline; on a diffusion transformer, which tomesd cannot
+# patch, AgentSD's ToMe phase at every step stands in for ToMe.
+UNET_METHODS = ("sd", "tomesd", "agentsd")
+TRANSFORMER_METHODS = ("sd", "tome-phase", "agentsd")
+OWN = "own"  # --scheduler: the pipeline's own scheduler, as its folder configures it
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
@@ -116,9 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.4],
         help="token-merging ratio(s), in [0, 1), for the methods that merge",
     )
-    registry.add_method_arguments(p, default=("sd", "tomesd", "agentsd"), timing=False)
-    a("--model", default=DEFAULT_MODEL, help="hub id or local folder of a diffusers pipeline")
-    a("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
+    registry.add_method_arguments(p, default=UNET_METHODS, timing=False)
+    a(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub id or local folder of a diffusers pipeline; a diffusion transformer (SD3, Flux, PixArt) "
+        f"runs --methods {' '.join(TRANSFORMER_METHODS)} and --scheduler {OWN} unless told otherwise",
+    )
+    a(
+        "--scheduler",
+        default=None,
+        help=f"{OWN} (the pipeline's own, as its folder configures it) or one of {', '.join(SCHEDULERS)}, "
+        f"which a flow-matching model (SD3, Flux) cannot take (default: pndm, the paper's, for a UNet "
+        f"pipeline; {OWN} for a diffusion transformer)",
+    )
     a("--steps", type=int, default=50, help="denoising steps")
     a("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     a("--size", default="512", help="N (square) or WIDTHxHEIGHT, in pixels")
@@ -169,16 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> None:
     """Every check that can fail, before any model is loaded or file written; errors name the flag."""
+    # argparse hands over the default list itself when --methods is not given: then the model decides
+    # (check_model), so that a default the model does not take (tomesd) is neither run nor looked for.
+    explicit_methods = args.methods is not p.get_default("methods")
     try:
-        args.methods = registry.resolve_methods(args.methods, timing=False)
+        if explicit_methods:
+            args.methods = registry.resolve_methods(args.methods, timing=False)
         args.options = registry.options_from(args)
     except ValueError as exc:  # it names the flag
         p.error(str(exc))
     for r in args.ratios:
         if not 0.0 <= r < 1.0:
             p.error(f"--ratio: {r} is outside [0, 1)")
-    if args.scheduler not in SCHEDULERS:
-        p.error(f"--scheduler: unknown scheduler {args.scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    if args.scheduler not in (None, OWN, *SCHEDULERS):
+        p.error(f"--scheduler: unknown scheduler {args.scheduler!r}; choose from {OWN}, {', '.join(SCHEDULERS)}")
     for flag in ("steps", "batch_size", "fid_batch_size", "images_per_class", "num_images"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -233,6 +266,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
 
     if args.total < 2 and not args.no_fid:
         p.error("--num-images: FID needs at least 2 images (or pass --no-fid)")
+    check_model(p, args, explicit_methods)
     args.runs = registry.variants(args.methods, args.ratios)
     for run in args.runs:
         settings_file = args.out / "images" / run.name / "settings.json"
@@ -245,6 +279,80 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, state) -> N
                     f"--out: {settings_file.parent} holds images made with other settings ({'; '.join(diff)}); "
                     "choose another --out or delete that folder"
                 )
+
+
+@dataclass(frozen=True)
+class PipelineIndex:
+    """What a pipeline's ``model_index.json`` says, read before any weight is loaded.
+
+    Attributes:
+        name: The pipeline class.
+        transformer: Its denoiser is a diffusion transformer (SD3, Flux, PixArt), not a UNet.
+        scheduler: The class of its own scheduler.
+        absent: The components its folder leaves out (e.g. SD3 without T5), passed as ``None`` when it
+            is loaded, as its pipeline asks.
+        safety_checker: It takes ``safety_checker`` (SD 1.x/2.x), which fid.py turns off.
+    """
+
+    name: str
+    transformer: bool
+    scheduler: str
+    absent: tuple[str, ...] = ()
+    safety_checker: bool = False
+
+    @property
+    def flow_matching(self) -> bool:
+        """A flow-matching model (SD3, Flux): only a flow-matching scheduler, such as its own, can drive it."""
+        return self.scheduler.startswith("FlowMatch")
+
+
+def read_pipeline_index(model: str) -> PipelineIndex:
+    """The :class:`PipelineIndex` of a local folder or hub id (of a hub id, only ``model_index.json`` is fetched)."""
+    import diffusers
+
+    index = diffusers.DiffusionPipeline.load_config(model)
+    components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
+    return PipelineIndex(
+        name=index.get("_class_name", "?"),
+        transformer=components.get("transformer", [None, None])[1] is not None,
+        scheduler=components.get("scheduler", [None, "?"])[1] or "?",
+        absent=tuple(name for name, (_, cls) in components.items() if cls is None),
+        safety_checker="safety_checker" in components,
+    )
+
+
+def check_model(p: argparse.ArgumentParser, args: argparse.Namespace, explicit_methods: bool) -> None:
+    """The model's family decides the default methods and scheduler (``args.index``, ``args.scheduler_class``);
+    a method or scheduler it cannot take is refused, naming the flag."""
+    try:
+        args.index = index = read_pipeline_index(args.model)
+    except Exception as exc:
+        p.error(
+            f"--model: cannot read the model_index.json of {args.model!r} ({type(exc).__name__}: {exc}). "
+            "Pass a local pipeline folder, or log in / go online for a hub id."
+        )
+    if not explicit_methods:
+        try:
+            args.methods = registry.resolve_methods(
+                TRANSFORMER_METHODS if index.transformer else UNET_METHODS, timing=False
+            )
+        except ValueError as exc:  # a default method that cannot run here; it names --methods
+            p.error(str(exc))
+    if index.transformer:
+        if refused := [m.name for m in args.methods if not m.transformers]:
+            accepted = [n for n, m in registry.METHODS.items() if m.transformers and not m.timing_only]
+            p.error(
+                f"--methods: {', '.join(refused)} patch{'es' if len(refused) == 1 else ''} UNets only; "
+                f"{args.model} is a diffusion transformer pipeline ({index.name}); choose from {', '.join(accepted)}"
+            )
+    if args.scheduler is None:
+        args.scheduler = OWN if index.transformer else "pndm"
+    if index.flow_matching and args.scheduler != OWN:
+        p.error(
+            f"--scheduler: {args.scheduler} cannot drive {args.model}, a flow-matching model ({index.name}, "
+            f"scheduler {index.scheduler}); use --scheduler {OWN}"
+        )
+    args.scheduler_class = index.scheduler if args.scheduler == OWN else SCHEDULERS[args.scheduler]
 
 
 def check_prompts(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -278,9 +386,10 @@ def check_prompts(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def protocol(args) -> dict:
-    """The generation protocol shared by every method: model, sampler, size, dtype, seed."""
-    keys = ("model", "scheduler", "steps", "guidance", "width", "height", "dtype", "seed")
-    return {key: getattr(args, key) for key in keys}
+    """The generation protocol shared by every method: model, sampler (the scheduler class that ran), size,
+    dtype, seed."""
+    keys = ("model", "steps", "guidance", "width", "height", "dtype", "seed")
+    return {"scheduler": args.scheduler_class, **{key: getattr(args, key) for key in keys}}
 
 
 def run_settings(args, run: Variant) -> dict:
@@ -297,18 +406,22 @@ def run_settings(args, run: Variant) -> dict:
 
 
 def load_pipeline(args):
+    """The pipeline of ``--model`` in ``--dtype`` on ``--device``, its safety checker off (where it has
+    one), the components its folder leaves out passed as ``None``, with ``--scheduler``'s scheduler."""
     import diffusers
 
+    kwargs = {dtype_kwarg(): DTYPES[args.dtype], **dict.fromkeys(args.index.absent)}
+    if args.index.safety_checker:
+        kwargs |= dict(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(
-            args.model, **{dtype_kwarg(): DTYPES[args.dtype]}, safety_checker=None, requires_safety_checker=False
-        )
+        pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, **kwargs)
     except Exception as exc:
         sys.exit(
             f"fid.py: error: --model: cannot load {args.model!r} ({type(exc).__name__}: {exc}). "
             "Pass a local folder, or log in / go online for a hub id."
         )
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    if args.scheduler != OWN:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
@@ -316,6 +429,17 @@ def load_pipeline(args):
 def prompt_for(args, i: int) -> str:
     """Image i has prompt ``i % P``: any prefix of the image list spreads over the classes (or prompts)."""
     return args.prompt_list[i % len(args.prompt_list)]
+
+
+def call_options(pipe) -> dict:
+    """The pipeline call's arguments beyond the protocol's, where the pipeline takes them: PixArt's
+    ``use_resolution_binning=False`` (the image is made at ``--size``, not at the nearest trained aspect
+    ratio and resized; a square size of its bins is the same) and ``clean_caption=False`` (the prompt goes
+    to T5 as written: the cleaning needs bs4 and ftfy and turns itself off without them, so the pixels
+    would depend on what is installed)."""
+    wanted = {"use_resolution_binning": False, "clean_caption": False}
+    accepted = inspect.signature(pipe.__call__).parameters
+    return {key: value for key, value in wanted.items() if key in accepted}
 
 
 def image_path(folder: Path, i: int) -> Path:
@@ -348,11 +472,9 @@ def generate(pipe, run: Variant, args, state) -> None:
             peak[0] = torch.cuda.max_memory_allocated(args.device)
         return {}
 
-    extra = (
-        {"callback_on_step_end": on_step_end}
-        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
-        else {}
-    )
+    extra = call_options(pipe)
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        extra["callback_on_step_end"] = on_step_end
     record = {
         "device": torch.cuda.get_device_name(args.device) if cuda else str(args.device),
         "process": state.process_index,
@@ -491,7 +613,9 @@ def evaluate(args, extractor, clip, lpips) -> list[dict]:
                 partial(qm.fidelity, ps, baseline, lpips, device=args.device, **opts),
             )
         t = timing(args.out / "images" / run.name)
-        paper = PAPER.get((run.method.name, None if run.ratio is None else round(run.ratio, 4)), (None,) * 3)
+        paper = (None,) * 3  # the published numbers are SD v1.5's: not shown beside a transformer's
+        if not args.index.transformer:
+            paper = PAPER.get((run.method.name, None if run.ratio is None else round(run.ratio, 4)), paper)
         rows.append(
             {
                 "method": run.method.name,
@@ -549,10 +673,11 @@ def write_reports(args, rows: list[dict], models: dict, notes: list[str]) -> Non
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    paper = "" if args.index.transformer else "; paper: SD v1.5, 2,000 images, RTX 4090"
     lines = [
-        f"Quality on {args.total} images ({args.width}x{args.height}, {args.steps} {args.scheduler} steps, "
-        f"guidance {args.guidance}, {args.dtype}, model {args.model}, prompts: {args.prompt_source}); "
-        "paper: SD v1.5, 2,000 images, RTX 4090.",
+        f"Quality on {args.total} images ({args.width}x{args.height}, {args.steps} steps of "
+        f"{args.scheduler_class}, guidance {args.guidance}, {args.dtype}, model {args.model}, prompts: "
+        f"{args.prompt_source}){paper}.",
         "",
         "| Method | r | "
         + " | ".join(q[1] for q in QUALITY)
@@ -662,7 +787,7 @@ def main(
             print(f"fid.py: {note}", flush=True)
         runs = ", ".join(r.label for r in args.runs)
         print(
-            f"fid.py: {runs} | {args.model} | {args.total} images, {args.steps} {args.scheduler} steps, "
+            f"fid.py: {runs} | {args.model} | {args.total} images, {args.steps} steps of {args.scheduler_class}, "
             f"guidance {args.guidance}, {args.width}x{args.height}, {args.dtype} on {args.device} x "
             f"{state.num_processes} process(es) | results -> {args.out.resolve()}",
             flush=True,

@@ -107,6 +107,8 @@ class Method:
         needs_pipeline: Needs a pipeline (its scheduler, or its own denoising loop), not a bare UNet:
             speed.py's ``unet`` mode cannot time it.
         timing_only: Its output is meaningless (a speed limit): speed only, fid.py refuses it.
+        transformers: Also runs on diffusion transformer pipelines (SD3, Flux, PixArt); the others patch
+            UNets only, and fid.py refuses them on a transformer model before loading it.
         parts: The patches, applied in this order and removed in reverse (none for the baseline).
     """
 
@@ -117,6 +119,7 @@ class Method:
     needs_pipeline: bool = False
     timing_only: bool = False
     parts: tuple[Part, ...] = ()
+    transformers: bool = False
 
     @property
     def batch_dependent(self) -> bool:
@@ -217,6 +220,7 @@ def _stack(*members: Method) -> Method:
         uses_ratio=any(member.uses_ratio for member in members),
         needs_pipeline=any(member.needs_pipeline for member in members),
         parts=parts,
+        transformers=all(member.transformers for member in members),
     )
 
 
@@ -224,10 +228,15 @@ def _registry(*methods: Method) -> dict[str, Method]:
     return {method.name: method for method in methods}
 
 
-_SD = Method("sd", "SD", "the unpatched pipeline (baseline)", uses_ratio=False)
+_SD = Method("sd", "SD", "the unpatched pipeline (baseline)", uses_ratio=False, transformers=True)
 _TOMESD = Method("tomesd", "ToMeSD", "ToMe for SD (tomesd) at the top attention level", True, parts=(TOMESD,))
 _AGENTSD = Method(
-    "agentsd", "AgentSD", "AgentSD, the published two-phase recipe", True, parts=(agentsd_part("agentsd"),)
+    "agentsd",
+    "AgentSD",
+    "AgentSD, the published two-phase recipe",
+    True,
+    parts=(agentsd_part("agentsd"),),
+    transformers=True,
 )
 _DEEPCACHE = Method(
     "deepcache",
@@ -249,6 +258,7 @@ METHODS: dict[str, Method] = _registry(
         "AgentSD's agent phase (sx=sy=4, agent_ratio 0.95) at every step",
         uses_ratio=True,
         parts=(agentsd_part("agent-phase"),),
+        transformers=True,
     ),
     Method(
         "tome-phase",
@@ -256,6 +266,7 @@ METHODS: dict[str, Method] = _registry(
         "AgentSD's ToMe phase (sx=sy=2, agent_ratio 0.5) at every step",
         uses_ratio=True,
         parts=(agentsd_part("tome-phase"),),
+        transformers=True,
     ),
     Method(
         "ca-tome",
@@ -272,6 +283,7 @@ METHODS: dict[str, Method] = _registry(
         "ToDo: attn1 keys and values from the token grid downsampled at the top attention level (--todo-*)",
         uses_ratio=False,
         parts=(TODO,),
+        transformers=True,
     ),
     Method(
         "hidiffusion",
@@ -298,6 +310,7 @@ METHODS: dict[str, Method] = _registry(
         uses_ratio=False,
         timing_only=True,
         parts=(CEILING,),
+        transformers=True,
     ),
 )
 BASELINE = METHODS["sd"]

@@ -293,7 +293,9 @@ def test_a_method_that_cannot_run_here_is_refused_before_anything_runs(model, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_prompts_follow_the_protocol(model, tmp_path):
+def test_prompts_follow_the_protocol(model, tmp_path, monkeypatch):
+    sd15 = fid.PipelineIndex("StableDiffusionPipeline", False, "PNDMScheduler", safety_checker=True)
+    monkeypatch.setattr(fid, "read_pipeline_index", lambda model: sd15)  # the hub id, offline
     parser = fid.build_parser()
     args = parser.parse_args(["--out", str(tmp_path), "--no-fid", "--device", "cpu", "--methods", "sd"])
     fid.check_args(parser, args, PartialState())
@@ -308,6 +310,7 @@ def test_prompts_follow_the_protocol(model, tmp_path):
         "pndm",
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
     )
+    assert fid.protocol(args)["scheduler"] == "PNDMScheduler"
 
 
 def test_the_script_runs_as_a_command_and_names_the_bad_flag(tmp_path):
@@ -393,7 +396,9 @@ def test_prompt_file_gives_each_image_its_line_and_a_resume_with_others_is_refus
     prompts.write_text("a cat\n\n  a dog .  \na corgi\n")
     out = tmp_path / "out"
     parser = fid.build_parser()
-    args = parser.parse_args(["--out", str(out), "--prompts", str(prompts), "--device", "cpu", "--methods", "sd"])
+    args = parser.parse_args(
+        ["--model", model, "--out", str(out), "--prompts", str(prompts), "--device", "cpu", "--methods", "sd"]
+    )
     fid.check_args(parser, args, PartialState())
     assert args.total == 3 and [fid.prompt_for(args, i) for i in (0, 1, 2, 3)] == [
         "a cat",
@@ -476,7 +481,8 @@ def test_the_pipeline_loads_without_the_torch_dtype_deprecation(model):
     import argparse
     import warnings
 
-    args = argparse.Namespace(model=model, dtype="float32", scheduler="pndm", device="cpu")
+    index = fid.read_pipeline_index(model)
+    args = argparse.Namespace(model=model, dtype="float32", scheduler="pndm", device="cpu", index=index)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = fid.load_pipeline(args)

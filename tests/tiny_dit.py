@@ -7,6 +7,8 @@ Random weights (seeded); small enough that a forward takes milliseconds on a CPU
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
@@ -231,3 +233,109 @@ def pipeline_inputs(kind: str, steps: int = 4, seed: int = 0) -> dict:
     if variant == "controlnet":
         inputs |= dict(control_image=image, controlnet_conditioning_scale=0.5)
     return inputs
+
+
+#: The pipelines :func:`tiny_text_pipeline` builds, with text encoders and tokenizers.
+TEXT_PIPELINES = ("sd3", "flux", "pixart-sigma")
+
+
+def tiny_t5(folder: str | Path, seed: int = 0):
+    """A two-layer T5 encoder (``d_model`` 32) and a T5 tokenizer over tests/tiny.py's words, built in
+    memory (a Unigram vocabulary, no sentencepiece model) and written to ``folder``."""
+    from tiny import WORDS
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), (".", -1.0)]
+    vocab += [(f"▁{word}", -1.0) for word in WORDS if word != "."]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config), tokenizer
+
+
+def tiny_text_pipeline(kind: str, folder: str | Path):
+    """A tiny pipeline of ``kind`` (one of :data:`TEXT_PIPELINES`) that takes prompts: SD3 with two
+    CLIP text encoders and no T5 (its pipeline then gives T5's rows as zeros), Flux (guidance-distilled,
+    like FLUX.1-dev) with CLIP and T5, PixArt-Sigma with T5. ``folder`` receives the tokenizer files."""
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+    from tiny import _text_config, tiny_tokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    vae = _tiny_vae()
+    if kind == "sd3":
+        torch.manual_seed(1)
+        clip_1 = CLIPTextModelWithProjection(_text_config(projection=True))
+        clip_2 = CLIPTextModelWithProjection(_text_config(projection=True))
+        # The CLIP rows (hidden sizes concatenated) are padded to joint_attention_dim, the pooled outputs
+        # (projections concatenated) are pooled_projection_dim.
+        joint = clip_1.config.hidden_size + clip_2.config.hidden_size
+        pooled = clip_1.config.projection_dim + clip_2.config.projection_dim
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel.from_config(
+            {**tiny_sd3().config, "joint_attention_dim": joint, "pooled_projection_dim": pooled}
+        )
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae,
+            text_encoder=clip_1,
+            tokenizer=tiny_tokenizer(folder / "tokenizer"),
+            text_encoder_2=clip_2,
+            tokenizer_2=tiny_tokenizer(folder / "tokenizer_2"),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    elif kind == "flux":
+        torch.manual_seed(1)
+        clip = CLIPTextModel(_text_config(projection=False))
+        t5, t5_tokenizer = tiny_t5(folder / "tokenizer_2")
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel.from_config(
+            {
+                **tiny_flux().config,
+                "joint_attention_dim": t5.config.d_model,
+                "pooled_projection_dim": clip.config.hidden_size,
+                "guidance_embeds": True,
+            }
+        )
+        shift = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16)
+        pipe = diffusers.FluxPipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(max_image_seq_len=256, **shift),
+            vae=vae,
+            text_encoder=clip,
+            tokenizer=tiny_tokenizer(folder / "tokenizer"),
+            text_encoder_2=t5,
+            tokenizer_2=t5_tokenizer,
+        )
+    elif kind == "pixart-sigma":
+        t5, t5_tokenizer = tiny_t5(folder / "tokenizer")
+        torch.manual_seed(0)
+        transformer = PixArtTransformer2DModel.from_config(
+            {**tiny_pixart().config, "caption_channels": t5.config.d_model}
+        )
+        pipe = diffusers.PixArtSigmaPipeline(
+            transformer=transformer,
+            scheduler=DPMSolverMultistepScheduler(),
+            vae=vae,
+            text_encoder=t5,
+            tokenizer=t5_tokenizer,
+        )
+    else:
+        raise ValueError(f"kind must be one of {', '.join(TEXT_PIPELINES)}; got {kind!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_text_pipeline(folder: str | Path, kind: str) -> Path:
+    """Save :func:`tiny_text_pipeline` ``kind`` with ``save_pretrained``, so that ``from_pretrained(folder)``
+    loads it offline."""
+    folder = Path(folder)
+    tiny_text_pipeline(kind, folder / "_scratch").save_pretrained(folder)
+    return folder
