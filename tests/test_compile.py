@@ -51,12 +51,7 @@ def _run(model, sample, kwargs, t):
         return model(sample, torch.tensor(t), **kwargs).sample
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @needs_regional_compile

@@ -19,12 +19,7 @@ def _run(model, kind, t):
         return model(**dit_inputs(kind, t))[0]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("kind", list(TINY_DITS))

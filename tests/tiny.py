@@ -71,16 +71,18 @@ def tiny_unet(kind: str = "sd1", in_channels: int = 4, seed: int = 0) -> UNet2DC
     raise ValueError(f"kind must be 'sd1' or 'sdxl', got {kind!r}")
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A VAE with a downsampling factor of 2 (image 32 px <-> latent 16)."""
+def tiny_vae(seed: int = 0, channels: int = 4, **config) -> AutoencoderKL:
+    """A VAE with a downsampling factor of 2 (image 32 px <-> latent 16), ``channels`` latent channels;
+    ``config`` adds to its configuration (SD3's and Flux's ``shift_factor`` and ``scaling_factor``)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
+        **config,
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=channels,
         norm_num_groups=8,
         sample_size=32,
     )

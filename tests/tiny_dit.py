@@ -125,22 +125,10 @@ TINY_DITS = {"sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart}
 
 
 def _tiny_vae(seed: int = 0, channels: int = 4):
-    """A VAE with a downsampling factor of 2 and SD3 / Flux's latent shift (image 32 px <-> latent 16)."""
-    from diffusers import AutoencoderKL
+    """tests/tiny.py's VAE with SD3 / Flux's latent shift and scale."""
+    from tiny import tiny_vae
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=channels,
-        norm_num_groups=8,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    return tiny_vae(seed, channels, shift_factor=0.0609, scaling_factor=1.5035)
 
 
 #: The pipelines :func:`tiny_dit_pipeline` builds.
