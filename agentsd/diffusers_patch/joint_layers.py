@@ -26,7 +26,7 @@ import torch
 from .. import rotary
 from ..attention import AgentSettings, Stream, joint_attention
 from ..merge import MergePlan, TokenMerge
-from .layers import split_heads
+from .layers import layer_queries, split_heads
 
 
 def _processor_types(module: Any, *names: str) -> tuple[type, ...]:
@@ -55,11 +55,6 @@ def _project(attn: Any, x: torch.Tensor, added: bool) -> Stream:
     to_q, to_k, to_v, norm_q, norm_k = layers
     q, k = split_heads(attn, to_q(x)), split_heads(attn, to_k(x))
     return Stream(q if norm_q is None else norm_q(q), k if norm_k is None else norm_k(k), split_heads(attn, to_v(x)))
-
-
-def _agent_queries(attn: Any, tokens: torch.Tensor) -> torch.Tensor:
-    q = split_heads(attn, attn.to_q(tokens))
-    return q if attn.norm_q is None else attn.norm_q(q)
 
 
 def _rotated(stream: Stream, cos: torch.Tensor, sin: torch.Tensor) -> Stream:
@@ -181,7 +176,7 @@ class JointCall(NamedTuple):
         attn = self.module
         added = self.context() is not None
         image_stream, text_stream = _project(attn, merged, False), _project(attn, text, added)
-        agent_queries = _agent_queries(attn, plan.agents.merge(image)) if self.agents and plan.agents else None
+        agent_queries = layer_queries(attn, plan.agents.merge(image)) if self.agents and plan.agents else None
         table = self.rotary_table()
         if table is not None:
             rope = Rotary.of(table, text.shape[1])
