@@ -234,3 +234,13 @@ def test_a_deep_copy_is_an_independent_patched_transformer():
     assert agentsd.is_patched(twin)
     assert torch.equal(_forward(twin, "sd3", 999), expected)
     assert not torch.equal(_forward(model, "sd3", 999), expected)
+
+
+def test_the_summary_names_what_ran_in_the_tome_phase():
+    """SD3's ToMe phase runs the layer's own processor on merged tokens; Flux's runs agentsd's joint
+    attention, since only it takes the merged tokens' rotary positions: the summary says which."""
+    for kind, expected in (("sd3", "through JointAttnProcessor2_0"), ("flux", "through agentsd's joint attention")):
+        model = TINY_DITS[kind]().eval()
+        agentsd.apply_patch(model, ratio=0.4)
+        _forward(model, kind, 100)
+        assert expected in str(agentsd.patch_summary(model)), kind

@@ -24,7 +24,7 @@ import torch
 
 from ..config import AgentSDConfig
 from .backbones import backbone_of, find_backbone
-from .blocks import merging_stages, select_blocks, transformer_blocks, unsupported_blocks
+from .blocks import choose_sites, merging_stages, transformer_blocks, unsupported_blocks
 from .forwards import Override, UNetForward
 from .models import attention_without_blocks, refuse_unsupported, temporal_block_count
 from .state import BlockState, UNetState
@@ -140,7 +140,7 @@ def apply_patch(model: Any, config: AgentSDConfig | None = None, **knobs: Any) -
             stacklevel=2,
         )
     max_downsample = config.max_downsample or min(site.downsample for site in sites)
-    chosen = select_blocks(unet, max_downsample, config.blocks)
+    chosen = choose_sites(sites, max_downsample, config.blocks)
     stages_of = {id(site.module): merging_stages(config, site.module) for site in chosen}
     scheduler_config = getattr(getattr(model, "scheduler", None), "config", None)
     num_train_timesteps = config.num_train_timesteps or getattr(

@@ -52,13 +52,17 @@ class Backbone:
         """The call's timestep argument."""
         return args[self.timestep_position] if len(args) > self.timestep_position else kwargs["timestep"]
 
+    def sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The call's latent or tokens (``sample`` of a UNet, ``hidden_states`` of a transformer)."""
+        return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
     def latent_size(self, args: tuple, kwargs: dict, ids_grid: IdsGrid) -> tuple[int, int]:
         """(h, w) of the call's finest token grid, before the blocks' own downsampling.
 
         A UNet's and a patchified transformer's is the latent's (the blocks' ``downsample`` is the
         patch size); Flux's packed tokens say nothing of it, so it is read from ``img_ids``.
         """
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        sample = self.sample(args, kwargs)
         if self.family != "Flux":
             return sample.shape[-2], sample.shape[-1]
         ids = args[4] if len(args) > 4 else kwargs["img_ids"]

@@ -137,7 +137,14 @@ def select_blocks(
     """
     denoiser = find_backbone(model)
     refuse_unsupported(model, denoiser)
-    sites = select_sites(transformer_blocks(denoiser), max_downsample)
+    return choose_sites(transformer_blocks(denoiser), max_downsample, blocks)
+
+
+def choose_sites(
+    sites: list[BlockSite], max_downsample: int | None, blocks: tuple[str, ...] | list[str] | None
+) -> list[BlockSite]:
+    """Of a model's ``sites``, those ``max_downsample`` and ``blocks`` select (see :func:`select_blocks`)."""
+    sites = select_sites(sites, max_downsample)
     if blocks is None:
         return sites
     return [site for site in sites if any(_names(site.name, name) for name in _known(sites, blocks))]

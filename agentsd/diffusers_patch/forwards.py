@@ -58,17 +58,13 @@ class UNetForward:
             return self.previous(*args, **kwargs)
         return self.class_forward(self.module, *args, **kwargs)
 
-    def sample(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The call's latent or tokens (``sample`` of a UNet, ``hidden_states`` of a transformer)."""
-        return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         timestep = self.state.backbone.timestep(args, kwargs)
         if self.compiled is not None:  # the rest of the start is in the compiled graph
             self.state.choose_phase(timestep)
             return self.compiled(*args, **kwargs)
         latent_size = self.state.backbone.latent_size(args, kwargs, self.state.ids_grid)
-        self.state.start_call(self.sample(args, kwargs), timestep, latent_size)
+        self.state.start_call(self.state.backbone.sample(args, kwargs), timestep, latent_size)
         output = self.original(*args, **kwargs)
         self.state.end_call()
         return output
@@ -77,7 +73,8 @@ class UNetForward:
         """What ``compile_unet`` compiles: the call's device work and the UNet's own forward, for the
         phase chosen on the host (dynamo guards on it: a graph per phase)."""
         latent_size = self.state.backbone.latent_size(args, kwargs, self.state.ids_grid)
-        self.state.start_on_device(self.sample(args, kwargs), self.state.backbone.timestep(args, kwargs), latent_size)
+        backbone = self.state.backbone
+        self.state.start_on_device(backbone.sample(args, kwargs), backbone.timestep(args, kwargs), latent_size)
         output = self.original(*args, **kwargs)
         self.state.end_call()
         return output

@@ -129,9 +129,13 @@ class JointCall(NamedTuple):
             return self.previous(x, *self.args, **self.kwargs)
         return self.module.processor(self.module, x, *self.args, **self.kwargs)
 
-    def runner(self) -> Any:
-        """What runs the call: the layer's processor (or another library's forward, the module)."""
-        return self.module if self.previous is not None else self.module.processor
+    def runner_name(self, merged: bool) -> str:
+        """What ran the call, for the summary: the layer's processor, or agentsd's joint attention where
+        a rotary model ran on merged tokens (its processor cannot take the merged positions)."""
+        if self.previous is not None:
+            return "replaced forward"
+        name = type(self.module.processor).__name__
+        return f"agentsd's joint attention (for {name})" if merged and self.rotary_table() is not None else name
 
     def fits(self, plan: MergePlan | None, x: torch.Tensor) -> bool:
         """Whether this call runs on ``plan``'s merged tokens: the image tokens fit the plan, and a

@@ -150,9 +150,11 @@ class StageCall(NamedTuple):
     def agent_layer(self, x: torch.Tensor, agent_tokens: torch.Tensor) -> torch.Tensor:
         return agent_self_attention(self.module, x, agent_tokens, self.agents)
 
-    def runner(self) -> Any:
-        """What runs the call: the module, or an attention layer's processor."""
-        return self.module if self.feed_forward or self.previous is not None else self.module.processor
+    def runner_name(self, merged: bool) -> str:
+        """What ran the call, for the summary: the module's class, or an attention layer's processor's."""
+        if self.previous is not None:
+            return "replaced forward"
+        return type(self.module if self.feed_forward else self.module.processor).__name__
 
     def fits(self, plan: MergePlan | None, x: torch.Tensor) -> bool:
         """Whether this call runs on ``plan``'s merged tokens: ``x`` holds the tokens the plan was made

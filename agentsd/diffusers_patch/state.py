@@ -268,10 +268,9 @@ class BlockState:
     def record(self, call: StageCall | JointCall, plan: MergePlan | None, x: torch.Tensor) -> None:
         """Note what ``call`` runs (for :func:`agentsd.patch_summary`)."""
         merged = call.fits(plan, x)
-        runs = call.runner()
         self.runs[call.stage] = StageRun(
             phase=self.config.phases.index(self.unet.phase),
-            processor=type(runs).__name__ if call.previous is None else "replaced forward",
+            processor=call.runner_name(merged),
             merged=merged,
             agents=merged and call.agents is not None and plan.agents is not None,
         )
